@@ -1,0 +1,45 @@
+"""
+Stage 2: train the SASRec teacher whose item embeddings define P2Rec's latent categories.
+
+Reads  out/<dataset>/dataset.json                       (01_prepare.py)
+Writes out/<dataset>/teacher.pt        model weights, its item embedding table and its settings
+       out/<dataset>/teacher_metrics.json  best epoch, validation and test metrics, per-epoch history
+
+$ python 02_teacher.py --data beauty
+Full-softmax cross-entropy over all items at every position; the epoch with the best validation
+NDCG@10 is kept and scored on the test split, ranking the target against all items.
+"""
+import argparse
+import os
+
+from common import (SASRec, UserError, add_common_args, add_train_args, check_positive, format_metrics, load_dataset,
+                    pick_device, run_main, save_atomic, stage_dir, train_recommender)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    add_train_args(parser, epochs=40)
+    parser.add_argument("--blocks", type=int, default=2, help="self-attention blocks")
+    parser.add_argument("--heads", type=int, default=1, help="attention heads")
+    args = parser.parse_args()
+    check_positive(args, "epochs", "batch_size", "lr", "maxlen", "dim", "blocks", "heads")
+    if args.dim % args.heads:
+        raise UserError(f"--dim {args.dim} must be divisible by --heads {args.heads}")
+
+    data = load_dataset(args)
+    device = pick_device(args.device)
+    model = SASRec(data["num_items"], args.dim, args.blocks, args.heads, args.maxlen, args.dropout)
+    result = train_recommender(model, data["sequences"], args, device, desc="teacher")
+
+    out = stage_dir(args)
+    meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"]}
+    save_atomic({"state": model.state_dict(), "item_emb": model.item_table().detach().cpu(), "args": vars(args),
+                 "num_items": data["num_items"]}, os.path.join(out, "teacher.pt"), meta)
+    save_atomic(result, os.path.join(out, "teacher_metrics.json"), meta)
+    print(f"teacher: best epoch {result['best_epoch']}, {result['train_s_per_epoch']:.1f} s/epoch on {device}; "
+          f"test {format_metrics(result['test'])} | seen items masked: {format_metrics(result['test'], 'masked_')}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,59 @@
+"""
+Stage 4: feed every item through the tuned LLM to get its enhanced embedding.
+
+Reads  out/<dataset>/sft_adapter/, out/<dataset>/sft_head.pt      (03_sft.py)
+Writes out/<dataset>/item_emb.pt   [num_items + 1, hidden_size] float32, row 0 (padding) zeros
+
+$ python 04_embed.py --data beauty
+Each item goes through the same prompt as a user in 03_sft.py, as a history of one item; its embedding is
+the final hidden state of the last token, the state the SFT head learned to read a category from.
+"""
+import argparse
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from common import (PromptBuilder, add_common_args, check_made_from, check_positive, collate_prompts,
+                    file_fingerprint, length_batches, load_dataset, load_tuned_llm, pick_device, run_main,
+                    save_atomic, stage_dir)
+
+
+@torch.no_grad()
+def embed_items(model, builder, num_items, max_tokens, device):
+    prompts = [builder([item]) for item in range(1, num_items + 1)]
+    item_emb = torch.zeros(num_items + 1, model.head.in_features)
+    for batch in tqdm(length_batches([len(p[0]) for p in prompts], max_tokens, shuffle=False), desc="items", leave=False):
+        ids, slots, last = collate_prompts([prompts[i] for i in batch], device)
+        item_emb[torch.tensor(batch) + 1] = model.hidden(ids, slots, last).float().cpu()
+    return item_emb
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, seed=False)
+    parser.add_argument("--max-tokens", type=int, default=8192, help="tokens per batch")
+    args = parser.parse_args()
+    check_positive(args, "max_tokens")
+
+    data = load_dataset(args)
+    device = pick_device(args.device)
+    out = stage_dir(args)
+    model, tokenizer, state = load_tuned_llm(args, device)
+    check_made_from(os.path.join(out, "sft_head.pt.meta.json"), "dataset_fingerprint", data["fingerprint"],
+                    f"the data changed since SFT: rerun python 02_teacher.py and 03_sft.py --data {args.data}")
+    builder = PromptBuilder(tokenizer, state["args"]["item_repr"])
+
+    start = time.time()
+    item_emb = embed_items(model, builder, data["num_items"], args.max_tokens, device)
+    seconds = time.time() - start
+    meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"],
+            "sft_fingerprint": file_fingerprint(os.path.join(out, "sft_head.pt")), "seconds": seconds}
+    save_atomic(item_emb, os.path.join(out, "item_emb.pt"), meta)
+    print(f"embed: {data['num_items']} items -> {tuple(item_emb.shape)} in {seconds:.1f} s on {device}; "
+          f"next: python 05_student.py --data {args.data}")
+
+
+if __name__ == "__main__":
+    run_main(main)

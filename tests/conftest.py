@@ -1,0 +1,86 @@
+"""Shared fixtures: a small synthetic dataset with known structure, a tiny random LLaMA, and one run of
+the five stages on them (session-scoped, so every stage's test reads the same artifacts)."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+NUM_GROUPS, GROUP_SIZE, NUM_USERS = 4, 10, 80
+
+
+def run_stage(script, *args, check=True):
+    """Run a stage script as a user would; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def write_synthetic(path, seed=0):
+    """S3-Rec file: items 1..40 in 4 groups of 10; each user walks forward through one group
+    (item i is mostly followed by i+1), so a sequential model can learn it and k-means can find the groups."""
+    rng = random.Random(seed)
+    lines = []
+    for user in range(1, NUM_USERS + 1):
+        group = user % NUM_GROUPS
+        pos = rng.randrange(GROUP_SIZE)
+        seq = []
+        for _ in range(rng.randint(6, 14)):
+            seq.append(group * GROUP_SIZE + pos + 1)
+            pos = (pos + 1) % GROUP_SIZE if rng.random() < 0.9 else rng.randrange(GROUP_SIZE)
+        lines.append(" ".join(map(str, [user] + seq)))
+    path.write_text("\n".join(lines) + "\n")
+    attributes = {str(i): [(i - 1) // GROUP_SIZE] for i in range(1, NUM_GROUPS * GROUP_SIZE + 1)}
+    (path.parent / (path.stem + "_item2attributes.json")).write_text(json.dumps(attributes))
+    return path
+
+
+def make_tiny_llm(path, arch="llama"):
+    """A randomly initialised causal LM with a small BPE tokenizer, saved like any HF model directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    corpus = ["A shopper's items, oldest first: 1, 22, 333. The categories these items belong to:",
+              "Yes No item title genre 0123456789 user history summary candidate"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>", "<s>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="<s>")
+    fast.save_pretrained(path)
+    size = dict(vocab_size=fast.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    import torch
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**size)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**size))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory):
+    return str(make_tiny_llm(tmp_path_factory.mktemp("tiny_llama")))
+
+
+@pytest.fixture(scope="session")
+def synthetic_file(tmp_path_factory):
+    return str(write_synthetic(tmp_path_factory.mktemp("data") / "Synth.txt"))
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory, tiny_llm, synthetic_file):
+    """Run all five stages once on the synthetic data with tiny settings; returns the out dir of the dataset."""
+    out = tmp_path_factory.mktemp("out")
+    common = ["--data", "synth", "--out", out, "--device", "cpu"]
+    run_stage("01_prepare.py", "--data-file", synthetic_file, *common)
+    run_stage("02_teacher.py", *common, "--epochs", 20, "--batch-size", 16, "--lr", 5e-3, "--dim", 32, "--maxlen", 20, "--dropout", 0.2)
+    run_stage("03_sft.py", *common, "--llm", tiny_llm, "--k", 4, "--epochs", 3, "--lr", 3e-3, "--max-tokens", 512)
+    run_stage("04_embed.py", *common)
+    run_stage("05_student.py", *common, "--epochs", 5, "--batch-size", 16, "--lr", 5e-3, "--dim", 32, "--maxlen", 20, "--dropout", 0.2)
+    return out / "synth"

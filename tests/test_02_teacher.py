@@ -1,0 +1,24 @@
+import json
+
+import torch
+
+from conftest import run_stage
+
+
+def test_teacher_learns_the_sequential_pattern(pipeline):
+    metrics = json.loads((pipeline / "teacher_metrics.json").read_text())
+    # 40 items; random ranking gives HR@10 = 0.25. Items mostly follow i -> i+1, so a working SASRec is far above.
+    assert metrics["test"]["HR@10"] > 0.6
+    assert metrics["test"]["masked_HR@10"] >= 0 and 1 <= metrics["best_epoch"] <= 20
+    teacher = torch.load(pipeline / "teacher.pt")
+    assert teacher["item_emb"].shape == (41, 32)
+
+
+def test_teacher_needs_prepared_data(tmp_path):
+    proc = run_stage("02_teacher.py", "--data", "beauty", "--out", tmp_path, check=False)
+    assert proc.returncode == 2 and "01_prepare.py" in proc.stderr
+
+
+def test_teacher_rejects_bad_args(pipeline):
+    proc = run_stage("02_teacher.py", "--data", "synth", "--out", pipeline.parent, "--epochs", "0", check=False)
+    assert proc.returncode == 2 and "--epochs must be positive" in proc.stderr

@@ -1,0 +1,62 @@
+import math
+
+import torch
+
+from common import (SASRec, eval_split, left_pad, length_batches, preference_kl, rank_metrics, split_user,
+                    train_tensors, trim_padding)
+
+
+def test_rank_metrics_hand_computed():
+    # user 0: target item 2 has the top score -> rank 0; user 1: target 3 is beaten by items 1 and 4 -> rank 2
+    scores = torch.tensor([[9.0, 0.1, 0.9, 0.3, 0.2],
+                           [9.0, 0.8, 0.1, 0.5, 0.7]])  # column 0 (padding) is ignored whatever its score
+    m = rank_metrics(scores, torch.tensor([2, 3]), ks=(1, 3))
+    assert m["HR@1"] == 1 and m["HR@3"] == 2
+    assert math.isclose(m["NDCG@1"], 1.0)
+    assert math.isclose(m["NDCG@3"], 1.0 + 1 / math.log2(4))
+
+
+def test_rank_metrics_masks_history_but_not_target():
+    scores = torch.tensor([[0.0, 0.8, 0.1, 0.5, 0.7]])
+    history = torch.tensor([[1, 4, 3, 0]])  # seen items 1, 4 and the target 3 itself
+    assert rank_metrics(scores, torch.tensor([3]), ks=(1,))["HR@1"] == 0
+    assert rank_metrics(scores, torch.tensor([3]), history, ks=(1,))["HR@1"] == 1
+
+
+def test_preference_kl_matches_definition():
+    prior = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    pred = torch.tensor([[0.25, 0.25, 0.5], [0.2, 0.3, 0.5]])
+    expected = (0.5 * math.log(2) * 2 + 0.0) / 2  # second user matches exactly
+    assert math.isclose(preference_kl(pred.log(), prior).item(), expected, rel_tol=1e-6)
+
+
+def test_split_and_padding():
+    assert split_user([1, 2, 3, 4, 5]) == ([1, 2, 3], 4, 5)
+    assert left_pad([[1, 2, 3], [4]], 2).tolist() == [[2, 3], [0, 4]]
+    inputs, targets = train_tensors([[1, 2, 3, 4, 5]], 4)
+    assert inputs.tolist() == [[0, 0, 1, 2]] and targets.tolist() == [[0, 0, 2, 3]]
+    valid_in, valid_tgt, _ = eval_split([[1, 2, 3, 4, 5]], "valid", 4)
+    test_in, test_tgt, history = eval_split([[1, 2, 3, 4, 5]], "test", 4)
+    assert valid_in.tolist() == [[0, 1, 2, 3]] and valid_tgt.tolist() == [4]
+    assert test_in.tolist() == [[1, 2, 3, 4]] and test_tgt.tolist() == [5] and history.tolist() == [[1, 2, 3, 4]]
+
+
+def test_length_batches_cover_all_and_respect_budget():
+    lengths = [5, 50, 7, 12, 49, 3, 30, 30]
+    batches = length_batches(lengths, max_tokens=60, shuffle=True, generator=torch.Generator().manual_seed(0))
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) * max(lengths[i] for i in b) <= 60 or len(b) == 1 for b in batches)
+
+
+def test_sasrec_is_causal_and_trimming_is_exact():
+    torch.manual_seed(0)
+    model = SASRec(num_items=20, dim=16, maxlen=8, dropout=0.0).eval()
+    seq = torch.tensor([[0, 0, 0, 3, 4, 5, 6, 7], [0, 0, 0, 0, 0, 1, 2, 3]])
+    changed = seq.clone()
+    changed[0, -1] = 9
+    out, out_changed = model(seq), model(changed)
+    assert torch.allclose(out[0, :-1], out_changed[0, :-1], atol=1e-6)  # earlier positions never see later items
+    assert not torch.allclose(out[0, -1], out_changed[0, -1])
+    trimmed, = trim_padding(seq)
+    assert trimmed.shape[1] == 5
+    assert torch.allclose(model(trimmed)[:, -1], out[:, -1], atol=1e-5)
