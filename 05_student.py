@@ -30,9 +30,9 @@ class GRU4Rec(nn.Module):
     scored against the same item table. Left padding feeds zero vectors first, which the GRU learns to
     treat as 'nothing yet'."""
 
-    def __init__(self, num_items, dim=64, dropout=0.5, llm_item_emb=None):
+    def __init__(self, num_items, dim=64, dropout=0.5, llm_item_emb=None, fuse="init"):
         super().__init__()
-        self.items = LLMItemEmbedding(num_items, dim, llm_item_emb)
+        self.items = LLMItemEmbedding(num_items, dim, llm_item_emb, fuse)
         self.drop = nn.Dropout(dropout)
         self.gru = nn.GRU(dim, dim, batch_first=True)
 
@@ -46,8 +46,8 @@ class GRU4Rec(nn.Module):
 
 def build_model(name, num_items, args, llm_item_emb):
     if name == "sasrec":
-        return SASRec(num_items, args.dim, args.blocks, args.heads, args.maxlen, args.dropout, llm_item_emb)
-    return GRU4Rec(num_items, args.dim, args.dropout, llm_item_emb)
+        return SASRec(num_items, args.dim, args.blocks, args.heads, args.maxlen, args.dropout, llm_item_emb, args.fuse)
+    return GRU4Rec(num_items, args.dim, args.dropout, llm_item_emb, args.fuse)
 
 
 def markdown_table(runs, dataset):
@@ -73,6 +73,8 @@ def main():
     add_train_args(parser, epochs=40)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="one vanilla/enhanced pair per model and seed")
     parser.add_argument("--models", default="sasrec,gru4rec", help="comma-separated: sasrec, gru4rec")
+    parser.add_argument("--fuse", choices=("init", "add"), default="init",
+                        help="init: ID embeddings start from the LLM embeddings; add: ID + projected frozen LLM embedding")
     parser.add_argument("--blocks", type=int, default=2, help="SASRec self-attention blocks")
     parser.add_argument("--heads", type=int, default=1, help="SASRec attention heads")
     args = parser.parse_args()

@@ -246,21 +246,29 @@ class SASRecBlock(nn.Module):
 
 
 class LLMItemEmbedding(nn.Module):
-    """Item embedding table for a 'future SRS model': a learned ID embedding plus a learned projection of
-    the frozen LLM-enhanced embeddings from 04_embed.py. Without `llm_item_emb` it is a plain ID embedding,
-    so the vanilla and the enhanced model differ in nothing else."""
+    """Item embedding table for a 'future SRS model', from the frozen LLM-enhanced embeddings of 04_embed.py:
+      init: the learned ID embedding starts from the LLM embeddings' top principal components (scaled to
+            the usual init), then trains freely;
+      add:  learned ID embedding + learned projection of the frozen LLM embeddings, at every step.
+    Without `llm_item_emb` it is a plain ID embedding, so vanilla and enhanced differ in nothing else."""
 
-    def __init__(self, num_items, dim, llm_item_emb=None):
+    def __init__(self, num_items, dim, llm_item_emb=None, fuse="init"):
         super().__init__()
         self.id_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
         nn.init.normal_(self.id_emb.weight, std=dim ** -0.5)
         self.llm_proj = None
-        if llm_item_emb is not None:
-            # Standardise each dimension over items: LLM hidden states carry a few huge outlier dimensions
-            # that would otherwise swamp the projection.
-            emb = llm_item_emb.float()
-            emb = (emb - emb[1:].mean(0)) / (emb[1:].std(0) + 1e-6)
-            emb[0] = 0
+        if llm_item_emb is None:
+            return
+        # Standardise each dimension over items: LLM hidden states carry a few huge outlier dimensions.
+        emb = llm_item_emb.float()
+        emb = (emb - emb[1:].mean(0)) / (emb[1:].std(0) + 1e-6)
+        emb[0] = 0
+        if fuse == "init":
+            components = torch.linalg.svd(emb[1:], full_matrices=False)[2][:dim]
+            start = emb @ components.T
+            with torch.no_grad():
+                self.id_emb.weight.copy_(start / start[1:].std() * dim ** -0.5)
+        else:
             self.register_buffer("llm_emb", emb)
             self.llm_proj = nn.Linear(emb.shape[1], dim, bias=False)
             nn.init.normal_(self.llm_proj.weight, std=(dim * emb.shape[1]) ** -0.5)
@@ -276,9 +284,10 @@ class SASRec(nn.Module):
     """SASRec: item + learned position embeddings, causal self-attention blocks, dot-product scores
     against the (shared) item embedding table."""
 
-    def __init__(self, num_items, dim=64, num_blocks=2, num_heads=1, maxlen=50, dropout=0.5, llm_item_emb=None):
+    def __init__(self, num_items, dim=64, num_blocks=2, num_heads=1, maxlen=50, dropout=0.5, llm_item_emb=None,
+                 fuse="init"):
         super().__init__()
-        self.items = LLMItemEmbedding(num_items, dim, llm_item_emb)
+        self.items = LLMItemEmbedding(num_items, dim, llm_item_emb, fuse)
         self.pos_emb = nn.Embedding(maxlen, dim)
         self.emb_drop = Dropout(dropout)
         self.blocks = nn.ModuleList(SASRecBlock(dim, num_heads, dropout) for _ in range(num_blocks))

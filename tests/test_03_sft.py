@@ -46,15 +46,15 @@ def test_user_level_sft_artifacts(pipeline):
 
 
 @pytest.mark.parametrize("arch", ["qwen2"])
-def test_text_item_ids_and_other_architectures(pipeline, tmp_path, arch):
-    """Items written as plain text IDs, on a Qwen2-style model, with its own out dir."""
+def test_item_tokens_and_other_architectures(pipeline, tmp_path, arch):
+    """Items as new tokens initialised from the teacher (the pipeline fixture covers text IDs), on a Qwen2-style model."""
     llm = make_tiny_llm(tmp_path / arch, arch=arch)
     out = tmp_path / "out"
     (out / "synth").mkdir(parents=True)
     for name in ("dataset.json", "dataset.json.meta.json", "teacher.pt", "teacher.pt.meta.json"):
         (out / "synth" / name).write_bytes((pipeline / name).read_bytes())
     run_stage("03_sft.py", "--data", "synth", "--out", out, "--llm", llm, "--k", 4, "--epochs", 1,
-              "--item-repr", "text", "--max-tokens", 2048, "--device", "cpu")
+              "--item-repr", "token", "--max-tokens", 2048, "--device", "cpu")
     run_stage("04_embed.py", "--data", "synth", "--out", out, "--device", "cpu")
     assert torch.load(out / "synth" / "item_emb.pt").shape == (41, 32)
 

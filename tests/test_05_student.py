@@ -20,11 +20,17 @@ def test_enhanced_model_uses_llm_embeddings():
     llm_emb = torch.randn(11, 24)
     llm_emb[0] = 0
     torch.manual_seed(0)
-    model = student.GRU4Rec(10, dim=8, dropout=0.0, llm_item_emb=llm_emb)
-    table = model.item_table()
-    assert table.shape == (11, 8)
-    assert torch.allclose(table, model.items.id_emb.weight + model.items.llm_proj(model.items.llm_emb))
-    assert model(torch.tensor([[0, 1, 2]])).shape == (1, 3, 8)
+    added = student.GRU4Rec(10, dim=8, dropout=0.0, llm_item_emb=llm_emb, fuse="add")
+    assert torch.allclose(added.item_table(), added.items.id_emb.weight + added.items.llm_proj(added.items.llm_emb))
+    assert added(torch.tensor([[0, 1, 2]])).shape == (1, 3, 8)
+    init = student.GRU4Rec(10, dim=8, dropout=0.0, llm_item_emb=llm_emb, fuse="init")
+    start = init.item_table()[1:].detach()
+    # the starting ID embeddings are a linear image of the (standardised) LLM embeddings: items whose LLM
+    # embeddings are close start close; refitting them from the LLM embeddings leaves no residual
+    standard = (llm_emb[1:] - llm_emb[1:].mean(0)) / llm_emb[1:].std(0)
+    fit = torch.linalg.lstsq(standard, start).solution
+    assert torch.allclose(standard @ fit, start, atol=1e-4)
+    assert init.items.llm_proj is None and torch.allclose(start.std(), torch.tensor(8 ** -0.5), rtol=0.05)
 
 
 def test_markdown_table_reports_mean_and_spread():
