@@ -8,7 +8,7 @@ Writes out/<dataset>/categories.pt   k-means category of every item, each user's
        out/<dataset>/sft_metrics.json  validation KL per epoch, LLM time and tokens per epoch, category check
 
 $ python 03_sft.py --data beauty
-$ python 03_sft.py --data ml-100k --item-repr token --max-items 20 --epochs 1   # the quick CPU demo
+$ python 03_sft.py --data ml-100k --max-items 20 --epochs 1   # the quick CPU demo (README)
 
 1. k-means (k-means++ init) on the teacher's item embeddings gives every item a latent category.
 2. A user's prior preference distribution is the normalised count of their training items per category.

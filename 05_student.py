@@ -7,9 +7,10 @@ Writes out/<dataset>/results.json   test metrics of every (model, variant, seed)
        out/<dataset>/student.pt     the enhanced SASRec of the first seed (for the baselines' side-by-side)
 
 $ python 05_student.py --data beauty --seeds 42 43 44
-Each pair (vanilla, enhanced) shares the seed and every setting. The enhanced model's item table is
-  learned ID embedding + learned projection of the frozen, standardised LLM embedding,
-so it can fall back to the vanilla model if the LLM embeddings carry nothing useful.
+Each pair (vanilla, enhanced) shares the seed and every setting. The enhanced model's item table
+(--fuse init, the default) starts from the top principal components of the standardised LLM
+embeddings instead of random numbers, then trains like the vanilla one; --fuse add keeps the LLM
+embeddings frozen and adds a learned projection of them to the ID embedding (measured worse, README).
 """
 import argparse
 import os
