@@ -13,7 +13,7 @@ import argparse
 import os
 
 from common import (SASRec, UserError, add_common_args, add_train_args, check_positive, format_metrics, load_dataset,
-                    pick_device, run_main, save_atomic, stage_dir, train_recommender)
+                    pick_device, run_main, save_atomic, seed_everything, stage_dir, train_recommender)
 
 
 def main():
@@ -29,6 +29,7 @@ def main():
 
     data = load_dataset(args)
     device = pick_device(args.device)
+    seed_everything(args.seed)  # the initial weights too, so the same seed gives the same teacher
     model = SASRec(data["num_items"], args.dim, args.blocks, args.heads, args.maxlen, args.dropout)
     result = train_recommender(model, data["sequences"], args, device, desc="teacher")
 

@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 NUM_GROUPS, GROUP_SIZE, NUM_USERS = 4, 10, 80
+TEACHER_ARGS = ["--epochs", 20, "--batch-size", 16, "--lr", 5e-3, "--dim", 32, "--maxlen", 20, "--dropout", 0.2]
 
 
 def run_stage(script, *args, check=True):
@@ -79,7 +80,7 @@ def pipeline(tmp_path_factory, tiny_llm, synthetic_file):
     out = tmp_path_factory.mktemp("out")
     common = ["--data", "synth", "--out", out, "--device", "cpu"]
     run_stage("01_prepare.py", "--data-file", synthetic_file, *common)
-    run_stage("02_teacher.py", *common, "--epochs", 20, "--batch-size", 16, "--lr", 5e-3, "--dim", 32, "--maxlen", 20, "--dropout", 0.2)
+    run_stage("02_teacher.py", *common, *TEACHER_ARGS)
     run_stage("03_sft.py", *common, "--llm", tiny_llm, "--k", 4, "--epochs", 3, "--lr", 3e-3, "--max-tokens", 512)
     run_stage("04_embed.py", *common)
     run_stage("05_student.py", *common, "--epochs", 5, "--batch-size", 16, "--lr", 5e-3, "--dim", 32, "--maxlen", 20, "--dropout", 0.2)
