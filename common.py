@@ -386,13 +386,13 @@ def resolve_llm_path(llm):
     raise UserError(f"--llm {llm} is not a model: give 'smollm2', a .gguf file or a Hugging Face model directory with config.json")
 
 
-def load_llm(llm, device):
-    """Load the base transformer (no LM head: we only need hidden states) and its tokenizer.
-    bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow on most laptops)."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+def load_config_and_tokenizer(llm):
+    """The LLM's config and tokenizer, without its weights; one clear error when --llm is not a causal LM."""
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message="Could not find a config file")  # PEFT, on GGUF directories
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")  # PEFT calls a renamed transformers API
     path, gguf_file = resolve_llm_path(llm)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
@@ -402,8 +402,19 @@ def load_llm(llm, device):
         raise UserError(f"--llm {llm} could not be loaded ({str(err).splitlines()[0]}): give a causal LM directory or .gguf file")
     if getattr(config, "is_encoder_decoder", False):
         raise UserError(f"--llm {llm} is an encoder-decoder model: P2Rec needs a decoder-only (causal) LM")
+    return config, tokenizer
+
+
+def load_llm(llm, device):
+    """Load the base transformer (no LM head: we only need hidden states) and its tokenizer.
+    bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow on most laptops)."""
+    from transformers import AutoModel
+    config, tokenizer = load_config_and_tokenizer(llm)
+    path, gguf_file = resolve_llm_path(llm)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModel.from_pretrained(path, dtype=dtype, **kwargs).to(device)
+    # SDPA: with no attention mask and causal attention it runs the flash kernel on the GPU.
+    model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **kwargs).to(device)
     return model, tokenizer
 
 
@@ -463,7 +474,9 @@ def length_batches(lengths, max_tokens, shuffle, generator=None):
 
 def collate_prompts(prompts, device):
     """Right-pad (ids, slots) pairs. No attention mask is needed: with causal attention a real token never
-    sees the padding that follows it, and we read each sample at its own last real position."""
+    sees the padding that follows it, and we read each sample at its own last real position.
+    On the GPU the copy is asynchronous (pinned memory), so building the next batch on the CPU overlaps
+    the current step instead of waiting for it."""
     L = max(len(ids) for ids, _ in prompts)
     ids = torch.zeros(len(prompts), L, dtype=torch.long)
     slots = torch.zeros(len(prompts), L, dtype=torch.long)
@@ -471,23 +484,28 @@ def collate_prompts(prompts, device):
         ids[row, :len(p_ids)] = torch.tensor(p_ids)
         slots[row, :len(p_slots)] = torch.tensor(p_slots)
     last = torch.tensor([len(p) - 1 for p, _ in prompts])
-    return ids.to(device), slots.to(device), last.to(device)
+    if device.type != "cuda":
+        return ids, slots, last
+    return tuple(t.pin_memory().to(device, non_blocking=True) for t in (ids, slots, last))
 
 
 class LoRALLM(nn.Module):
-    """A causal LLM with LoRA adapters (PEFT), optional item tokens, and a small head that maps the final
-    hidden state of the prompt's last token to a distribution over the k latent categories."""
+    """A causal LLM with LoRA adapters (PEFT), optional item tokens, and a linear head that maps the final
+    hidden state of the prompt's last token to a distribution over `num_outputs` classes: the k latent
+    categories (P2Rec's user-level SFT) or all items (the instance-level baseline)."""
 
-    def __init__(self, base, num_categories, lora_r=8, lora_alpha=16, lora_dropout=0.05,
+    def __init__(self, base, num_outputs, lora_r=8, lora_alpha=16, lora_dropout=0.05,
                  target_modules=("q_proj", "v_proj"), teacher_item_emb=None, adapter_dir=None):
         super().__init__()
         from peft import LoraConfig, PeftModel, get_peft_model
         if adapter_dir is None:
             config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                 target_modules=list(target_modules))
-            self.llm = get_peft_model(base, config)
+            # LoRA weights in the base's dtype (bf16 on the GPU): PEFT's default fp32 adapters make every
+            # q/v input take an fp32 copy, which costs more than the rank-8 matmuls themselves.
+            self.llm = get_peft_model(base, config, autocast_adapter_dtype=False)
         else:
-            self.llm = PeftModel.from_pretrained(base, adapter_dir)
+            self.llm = PeftModel.from_pretrained(base, adapter_dir, autocast_adapter_dtype=False)
         hidden = base.config.hidden_size
         self.item_proj = None
         if teacher_item_emb is not None:
@@ -500,7 +518,7 @@ class LoRALLM(nn.Module):
             token_std = base.get_input_embeddings().weight.float().std().item()
             nn.init.normal_(self.item_proj.weight, std=token_std / math.sqrt(emb.shape[1]))
             nn.init.zeros_(self.item_proj.bias)
-        self.head = nn.Linear(hidden, num_categories)  # fp32, like the LoRA weights PEFT adds to a bf16 base
+        self.head = nn.Linear(hidden, num_outputs)  # fp32, like the LoRA weights PEFT adds to a bf16 base
 
     def input_embeddings(self, ids, slots):
         embeds = self.llm.get_input_embeddings()(ids)
@@ -515,7 +533,7 @@ class LoRALLM(nn.Module):
         return out.last_hidden_state[torch.arange(len(last), device=last.device), last]
 
     def forward(self, ids, slots, last):
-        """Log-probabilities over the latent categories: [B, k]."""
+        """Log-probabilities over the head's classes: [B, num_outputs]."""
         return F.log_softmax(self.head(self.hidden(ids, slots, last).float()), dim=-1)
 
     def trainable_state(self):
@@ -536,7 +554,7 @@ def load_tuned_llm(args, device):
     state = torch.load(state_path, map_location="cpu")
     base, tokenizer = load_llm(state["args"]["llm"], device)
     teacher_emb = state["teacher_item_emb"] if state["args"]["item_repr"] == "token" else None
-    model = LoRALLM(base, state["num_categories"], teacher_item_emb=teacher_emb,
+    model = LoRALLM(base, state["num_outputs"], teacher_item_emb=teacher_emb,
                     adapter_dir=os.path.join(sft_dir, "sft_adapter"))
     model.head.load_state_dict(state["trainable"]["head"])
     if model.item_proj is not None:

@@ -24,6 +24,16 @@ def run_stage(script, *args, check=True):
     return proc
 
 
+def copy_artifacts(pipeline, out, *names):
+    """Copy some of the pipeline's artifacts (and their .meta.json) into OUT/synth, to rerun a stage apart."""
+    (out / "synth").mkdir(parents=True, exist_ok=True)
+    for name in names:
+        for suffix in ("", ".meta.json"):
+            if (pipeline / (name + suffix)).exists():
+                (out / "synth" / (name + suffix)).write_bytes((pipeline / (name + suffix)).read_bytes())
+    return out
+
+
 def write_synthetic(path, seed=0):
     """S3-Rec file: items 1..40 in 4 groups of 10; each user walks forward through one group
     (item i is mostly followed by i+1), so a sequential model can learn it and k-means can find the groups."""

@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from conftest import TEACHER_ARGS, run_stage
+from conftest import TEACHER_ARGS, copy_artifacts, run_stage
 
 
 def test_teacher_learns_the_sequential_pattern(pipeline):
@@ -26,8 +26,7 @@ def test_teacher_rejects_bad_args(pipeline):
 
 def test_same_seed_gives_the_same_teacher(pipeline, tmp_path):
     """Rerun the pipeline's teacher with the same seed in a fresh out dir: identical metrics, bit for bit."""
-    (tmp_path / "synth").mkdir()
-    (tmp_path / "synth" / "dataset.json").write_bytes((pipeline / "dataset.json").read_bytes())
+    copy_artifacts(pipeline, tmp_path, "dataset.json")
     run_stage("02_teacher.py", "--data", "synth", "--out", tmp_path, "--device", "cpu", *TEACHER_ARGS)
     rerun = json.loads((tmp_path / "synth" / "teacher_metrics.json").read_text())
     first = json.loads((pipeline / "teacher_metrics.json").read_text())

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import NUM_GROUPS, NUM_USERS, make_tiny_llm, run_stage
+from conftest import NUM_GROUPS, NUM_USERS, copy_artifacts, make_tiny_llm, run_stage
 
 sft = importlib.import_module("03_sft")
 
@@ -49,12 +49,32 @@ def test_user_level_sft_artifacts(pipeline):
 def test_item_tokens_and_other_architectures(pipeline, tmp_path, arch):
     """Items as new tokens initialised from the teacher (the pipeline fixture covers text IDs), on a Qwen2-style model."""
     llm = make_tiny_llm(tmp_path / arch, arch=arch)
-    out = tmp_path / "out"
-    (out / "synth").mkdir(parents=True)
-    for name in ("dataset.json", "dataset.json.meta.json", "teacher.pt", "teacher.pt.meta.json"):
-        (out / "synth" / name).write_bytes((pipeline / name).read_bytes())
+    out = copy_artifacts(pipeline, tmp_path / "out", "dataset.json", "teacher.pt")
     run_stage("03_sft.py", "--data", "synth", "--out", out, "--llm", llm, "--k", 4, "--epochs", 1,
               "--item-repr", "token", "--max-tokens", 2048, "--device", "cpu")
+    run_stage("04_embed.py", "--data", "synth", "--out", out, "--device", "cpu")
+    assert torch.load(out / "synth" / "item_emb.pt").shape == (41, 32)
+
+
+def test_instance_level_samples_are_every_train_prefix():
+    builder = lambda items: (list(items), [0] * len(items))  # noqa: E731  (prompt = the item IDs themselves)
+    prompts, targets = sft.instance_level_samples([[1, 2, 3, 4, 5], [7, 8, 9, 6]], [0, 1], builder, max_items=1)
+    # user 0 trains on [1, 2, 3]: (1 -> 2), (2 -> 3) with one item of context; user 1 on [7, 8]: (7 -> 8)
+    assert [p[0] for p in prompts] == [[1], [2], [7]] and targets.tolist() == [2, 3, 8]
+    prompts, targets = sft.instance_level_samples([[1, 2, 3, 4, 5]], [0], builder, max_items=50, last_only=True)
+    assert [p[0] for p in prompts] == [[1, 2]] and targets.tolist() == [3]
+
+
+def test_instance_level_sft(pipeline, tmp_path, tiny_llm):
+    """The E4SRec-style baseline: one sample per train position, next-item loss falls, 04_embed reads it."""
+    out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt")
+    run_stage("03_sft.py", "--data", "synth", "--out", out, "--llm", tiny_llm, "--level", "instance", "--k", 4,
+              "--epochs", 2, "--lr", 3e-3, "--max-tokens", 512, "--device", "cpu")
+    history = json.loads((out / "synth" / "sft_metrics.json").read_text())["history"]
+    sequences = json.loads((pipeline / "dataset.json").read_text())["sequences"]
+    val_users = max(1, int(NUM_USERS * 0.05))
+    assert sum(len(s) - 3 for s in sequences) - history[1]["samples"] in range(3 * val_users, 12 * val_users + 1)
+    assert history[-1]["val_ce"] < history[0]["val_ce"]
     run_stage("04_embed.py", "--data", "synth", "--out", out, "--device", "cpu")
     assert torch.load(out / "synth" / "item_emb.pt").shape == (41, 32)
 

@@ -7,7 +7,7 @@ from common import LoRALLM, PromptBuilder, collate_prompts, load_llm
 def test_default_llm_loads_and_runs_offline():
     base, tokenizer = load_llm("smollm2", torch.device("cpu"))
     assert base.config.hidden_size == 576 and base.config.num_hidden_layers == 30
-    model = LoRALLM(base, num_categories=4, teacher_item_emb=torch.randn(6, 8)).eval()
+    model = LoRALLM(base, num_outputs=4, teacher_item_emb=torch.randn(6, 8)).eval()
     builder = PromptBuilder(tokenizer, "token")
     ids, slots, last = collate_prompts([builder([1, 2, 3]), builder([4])], torch.device("cpu"))
     with torch.no_grad():
