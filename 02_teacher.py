@@ -8,12 +8,13 @@ Writes out/<dataset>/teacher.pt        model weights, its item embedding table a
 $ python 02_teacher.py --data beauty
 Full-softmax cross-entropy over all items at every position; the epoch with the best validation
 NDCG@10 is kept and scored on the test split, ranking the target against all items.
+Interrupted (Ctrl-C, kill -9)? Run the same command again: it resumes from out/<dataset>/teacher.ckpt.pt.
 """
 import argparse
 import os
 
 from common import (SASRec, UserError, add_common_args, add_train_args, check_positive, format_metrics, load_dataset,
-                    pick_device, run_main, save_atomic, seed_everything, stage_dir, train_recommender)
+                    pick_device, run_main, run_settings, save_atomic, seed_everything, stage_dir, train_recommender)
 
 
 def main():
@@ -31,13 +32,16 @@ def main():
     device = pick_device(args.device)
     seed_everything(args.seed)  # the initial weights too, so the same seed gives the same teacher
     model = SASRec(data["num_items"], args.dim, args.blocks, args.heads, args.maxlen, args.dropout)
-    result = train_recommender(model, data["sequences"], args, device, desc="teacher")
-
     out = stage_dir(args)
+    checkpoint = os.path.join(out, "teacher.ckpt.pt")  # a killed run resumes from here
+    result = train_recommender(model, data["sequences"], args, device, desc="teacher", checkpoint=checkpoint,
+                               settings=run_settings(args, dataset_fingerprint=data["fingerprint"]))
+
     meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"]}
     save_atomic({"state": model.state_dict(), "item_emb": model.item_table().detach().cpu(), "args": vars(args),
                  "num_items": data["num_items"]}, os.path.join(out, "teacher.pt"), meta)
     save_atomic(result, os.path.join(out, "teacher_metrics.json"), meta)
+    os.remove(checkpoint)
     print(f"teacher: best epoch {result['best_epoch']}, {result['train_s_per_epoch']:.1f} s/epoch on {device}; "
           f"test {format_metrics(result['test'])} | seen items masked: {format_metrics(result['test'], 'masked_')}")
 

@@ -16,6 +16,7 @@ $ python 03_sft.py --data ml-100k --max-items 20 --epochs 1   # the quick CPU de
    head on the last token's hidden state predicts the distribution; loss = KL(prior || predicted).
    --level instance runs the E4SRec-style baseline instead (one sample per train position, next-item
    cross-entropy over all items through an item head), same prompts and LoRA, for bench_sft.py.
+Interrupted? Run the same command again: it resumes from out/<dataset>/sft.ckpt.pt after the last whole epoch.
 """
 import argparse
 import os
@@ -28,8 +29,8 @@ from tqdm import tqdm
 
 from common import (DEFAULT_LLM, LoRALLM, PromptBuilder, UserError, add_common_args, check_made_from,
                     check_positive, collate_prompts, file_fingerprint, length_batches, llm_fingerprint,
-                    load_dataset, load_llm, pick_device, preference_kl, require, run_main, save_atomic,
-                    seed_everything, split_user, stage_dir)
+                    load_checkpoint, load_dataset, load_llm, pick_device, preference_kl, require, rng_state,
+                    run_main, run_settings, save_atomic, seed_everything, set_rng_state, split_user, stage_dir)
 
 
 def kmeans(x, k, iters, seed):
@@ -203,7 +204,7 @@ def main():
     out = stage_dir(args)
     teacher_path = require(os.path.join(out, "teacher.pt"), f"python 02_teacher.py --data {args.data}")
     check_made_from(teacher_path + ".meta.json", "dataset_fingerprint", data["fingerprint"],
-                    f"the data changed since the teacher was trained: rerun python 02_teacher.py --data {args.data}")
+                    f"the data changed since the teacher was trained: rerun python 02_teacher.py --data {args.data}", args.force)
     if args.k > data["num_items"]:
         raise UserError(f"--k {args.k} is larger than the number of items ({data['num_items']}): choose a smaller --k")
     seed_everything(args.seed)
@@ -241,10 +242,21 @@ def main():
     val_batches = length_grouped(val_set[0], max_tokens, shuffle=False)
 
     loss_name = "val_kl" if args.level == "user" else "val_ce"
-    history = [{"epoch": 0, loss_name: run_epoch(model, *val_set, val_batches, device, desc="val")[0]}]
+    checkpoint = os.path.join(out, "sft.ckpt.pt")  # a killed run resumes from here
+    settings = run_settings(args, dataset_fingerprint=data["fingerprint"], teacher_fingerprint=file_fingerprint(teacher_path),
+                            llm=llm_fingerprint(args.llm))
+    resumed = load_checkpoint(checkpoint, settings, args.force)
+    if resumed:
+        model.load_state_dict(resumed["trainable"], strict=False)
+        opt.load_state_dict(resumed["optimizer"])
+        gen.set_state(resumed["generator"])
+        set_rng_state(resumed["rng"])
+        history = resumed["history"]
+    else:
+        history = [{"epoch": 0, loss_name: run_epoch(model, *val_set, val_batches, device, desc="val")[0]}]
     print(f"{args.level}-level SFT: {len(train_set[0])} training samples from {len(train_users)} users, "
           f"{len(val_users)} validation users, {args.llm} on {device}, {loss_name} before training {history[0][loss_name]:.4f}")
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(len(history), args.epochs + 1):
         batches = length_grouped(train_set[0], max_tokens, shuffle=True, generator=gen)
         train_loss, seconds, tokens = run_epoch(model, *train_set, batches, device, opt, f"epoch {epoch}")
         val_loss = run_epoch(model, *val_set, val_batches, device, desc="val")[0]
@@ -252,6 +264,9 @@ def main():
                         "tokens": tokens, "samples": len(train_set[0])})
         print(f"epoch {epoch}: train loss {train_loss:.4f}, {loss_name} {val_loss:.4f}, LLM time {seconds:.1f} s, "
               f"{tokens / seconds:.0f} tokens/s")
+        trainable = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+        save_atomic({"settings": settings, "epoch": epoch, "trainable": trainable, "optimizer": opt.state_dict(),
+                     "history": history, "generator": gen.get_state(), "rng": rng_state()}, checkpoint)
 
     meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"], "llm": llm_fingerprint(args.llm),
             "teacher_fingerprint": file_fingerprint(teacher_path)}
@@ -260,6 +275,7 @@ def main():
     save_atomic({"trainable": model.trainable_state(), "num_outputs": num_outputs, "args": vars(args),
                  "teacher_item_emb": teacher_emb}, os.path.join(out, "sft_head.pt"), meta)
     save_atomic({"history": history, "category_check": check}, os.path.join(out, "sft_metrics.json"), meta)
+    os.remove(checkpoint)
     print(f"sft: {loss_name} {history[0][loss_name]:.4f} -> {history[-1][loss_name]:.4f} over {args.epochs} epochs, "
           f"{sum(h.get('train_s', 0) for h in history) / args.epochs:.1f} s LLM time per epoch; "
           f"next: python 04_embed.py --data {args.data}")

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from common import (PromptBuilder, add_common_args, check_made_from, check_positive, collate_prompts,
-                    file_fingerprint, length_batches, load_dataset, load_tuned_llm, pick_device, run_main,
+                    file_fingerprint, length_batches, load_dataset, load_tuned_llm, pick_device, require, run_main,
                     save_atomic, stage_dir)
 
 
@@ -40,9 +40,14 @@ def main():
     data = load_dataset(args)
     device = pick_device(args.device)
     out = stage_dir(args)
+    sft_meta = require(os.path.join(out, "sft_head.pt.meta.json"), f"python 03_sft.py --data {args.data}")
+    check_made_from(sft_meta, "dataset_fingerprint", data["fingerprint"],
+                    f"the data changed since SFT: rerun python 02_teacher.py and 03_sft.py --data {args.data}", args.force)
+    teacher_path = require(os.path.join(out, "teacher.pt"), f"python 02_teacher.py --data {args.data}")
+    check_made_from(sft_meta, "teacher_fingerprint", file_fingerprint(teacher_path),
+                    f"the teacher was retrained after SFT, so its categories are stale: rerun python 03_sft.py --data {args.data}",
+                    args.force)
     model, tokenizer, state = load_tuned_llm(args, device)
-    check_made_from(os.path.join(out, "sft_head.pt.meta.json"), "dataset_fingerprint", data["fingerprint"],
-                    f"the data changed since SFT: rerun python 02_teacher.py and 03_sft.py --data {args.data}")
     builder = PromptBuilder(tokenizer, state["args"]["item_repr"])
 
     start = time.time()

@@ -89,7 +89,10 @@ def main():
     out = stage_dir(args)
     emb_path = require(os.path.join(out, "item_emb.pt"), f"python 04_embed.py --data {args.data}")
     check_made_from(emb_path + ".meta.json", "dataset_fingerprint", data["fingerprint"],
-                    f"the data changed since the embeddings were made: rerun stages 02-04 for --data {args.data}")
+                    f"the data changed since the embeddings were made: rerun stages 02-04 for --data {args.data}", args.force)
+    sft_path = require(os.path.join(out, "sft_head.pt"), f"python 03_sft.py --data {args.data}")
+    check_made_from(emb_path + ".meta.json", "sft_fingerprint", file_fingerprint(sft_path),
+                    f"03_sft.py ran again after the embeddings were made: rerun python 04_embed.py --data {args.data}", args.force)
     llm_item_emb = torch.load(emb_path, map_location="cpu")
     if llm_item_emb.shape[0] != data["num_items"] + 1:
         raise UserError(f"{emb_path} has {llm_item_emb.shape[0] - 1} items, the dataset {data['num_items']}: rerun 04_embed.py")

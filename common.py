@@ -65,7 +65,20 @@ def save_atomic(obj, path, meta=None):
         torch.save(obj, tmp)
     os.replace(tmp, path)
     if meta is not None:
-        save_atomic(meta, path + ".meta.json")
+        save_atomic({**meta, "code_version": CODE_VERSION}, path + ".meta.json")
+
+
+def code_version():
+    """Content hash of common.py and the running script: which code made an artifact, with or without git."""
+    digest = hashlib.sha256()
+    for path in (__file__, sys.argv[0]):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:12]
+
+
+CODE_VERSION = code_version()
 
 
 def file_fingerprint(path):
@@ -85,12 +98,50 @@ def require(path, made_by):
     return path
 
 
-def check_made_from(meta_path, key, expected, fix):
-    """Refuse an artifact whose recorded input fingerprint differs from the current input."""
+def check_made_from(meta_path, key, expected, fix, force=False):
+    """Refuse an artifact whose recorded input fingerprint differs from the current input (with --force:
+    warn and go on)."""
     with open(meta_path) as f:
         recorded = json.load(f).get(key)
     if recorded != expected:
-        raise UserError(f"{meta_path} was made from a different {key} ({recorded} != {expected}): {fix}")
+        message = f"{meta_path} was made from a different {key} ({recorded} != {expected}): {fix}"
+        if not force:
+            raise UserError(message + ", or pass --force to use it anyway")
+        print(f"warning (--force): {message}", file=sys.stderr)
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def run_settings(args, **fingerprints):
+    """What a checkpoint must match to be resumed: the arguments (bar --device/--force) and the inputs."""
+    return {"args": {k: v for k, v in vars(args).items() if k not in ("device", "force")}, **fingerprints}
+
+
+def load_checkpoint(path, settings, force):
+    """The epoch checkpoint that an interrupted run left at `path`, if any. One made with other settings or
+    inputs stops the run (resuming it would mix two experiments) unless --force discards it."""
+    if not os.path.exists(path):
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if checkpoint["settings"] != settings:
+        if not force:
+            raise UserError(f"{path} is the checkpoint of a run with other arguments or inputs: rerun that command "
+                            f"to finish it, or pass --force to discard it and start over")
+        print(f"warning (--force): discarding {path}", file=sys.stderr)
+        return None
+    print(f"resuming from {path}: epoch {checkpoint['epoch']} was done")
+    return checkpoint
 
 
 def seed_everything(seed):
@@ -112,6 +163,8 @@ def add_common_args(parser, seed=True):
     parser.add_argument("--data", default="ml-100k", help=f"dataset name: {', '.join(DATASETS)} or the name given to --data-file in 01_prepare.py")
     parser.add_argument("--out", default="out", help="artifacts live in OUT/DATA/")
     parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--force", action="store_true", help="use artifacts made from other inputs anyway, and discard a "
+                        "checkpoint made with other settings instead of stopping")
     if seed:
         parser.add_argument("--seed", type=int, default=42, help="random seed; the same seed gives the same numbers on CPU")
 
@@ -312,9 +365,11 @@ class SASRec(nn.Module):
         return self.ln_out(x)
 
 
-def train_recommender(model, sequences, args, device, desc):
+def train_recommender(model, sequences, args, device, desc, checkpoint=None, settings=None):
     """Full-softmax next-item training over all positions, model selection by validation NDCG@10,
-    test metrics of the best epoch. Works for any model with forward(seq) -> [B, L, D] and item_table()."""
+    test metrics of the best epoch. Works for any model with forward(seq) -> [B, L, D] and item_table().
+    With `checkpoint` (a path), every epoch saves model, optimiser, RNG and progress there, and a rerun
+    resumes from it: on CPU, an interrupted and resumed run ends exactly where an uninterrupted one does."""
     seed_everything(args.seed)
     model.to(device)
     inputs, targets = train_tensors(sequences, args.maxlen)
@@ -324,7 +379,14 @@ def train_recommender(model, sequences, args, device, desc):
     gen = torch.Generator().manual_seed(args.seed)
     best = {"valid": {"NDCG@10": -1.0}}
     history = []
-    bar = tqdm(range(1, args.epochs + 1), desc=desc, leave=False)
+    resumed = load_checkpoint(checkpoint, settings, args.force) if checkpoint else None
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["optimizer"])
+        best, history = resumed["best"], resumed["history"]
+        gen.set_state(resumed["generator"])
+        set_rng_state(resumed["rng"])
+    bar = tqdm(range(len(history) + 1, args.epochs + 1), desc=desc, leave=False, initial=len(history), total=args.epochs)
     for epoch in bar:
         model.train()
         start, total_loss = time.time(), torch.zeros((), device=device)
@@ -347,6 +409,9 @@ def train_recommender(model, sequences, args, device, desc):
         if metrics["NDCG@10"] > best["valid"]["NDCG@10"]:
             best = {"epoch": epoch, "valid": metrics, "state": copy.deepcopy(model.state_dict())}
         bar.set_postfix(loss=f"{total_loss.item():.1f}", ndcg10=f"{metrics['NDCG@10']:.4f}", s=f"{train_time:.1f}")
+        if checkpoint:
+            save_atomic({"settings": settings, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "best": best, "history": history, "generator": gen.get_state(), "rng": rng_state()}, checkpoint)
     model.load_state_dict(best["state"])
     test_metrics = evaluate(model, *test, device)
     epoch_s = sum(h["train_s"] for h in history) / len(history)
@@ -397,11 +462,11 @@ def load_config_and_tokenizer(llm):
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
+        if getattr(config, "is_encoder_decoder", False):
+            raise UserError(f"--llm {llm} is an encoder-decoder model: P2Rec needs a decoder-only (causal) LM")
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"--llm {llm} could not be loaded ({str(err).splitlines()[0]}): give a causal LM directory or .gguf file")
-    if getattr(config, "is_encoder_decoder", False):
-        raise UserError(f"--llm {llm} is an encoder-decoder model: P2Rec needs a decoder-only (causal) LM")
     return config, tokenizer
 
 

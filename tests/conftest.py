@@ -3,8 +3,10 @@ the five stages on them (session-scoped, so every stage's test reads the same ar
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -12,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 NUM_GROUPS, GROUP_SIZE, NUM_USERS = 4, 10, 80
+SFT_ARGS = ["--k", 4, "--epochs", 3, "--lr", 3e-3, "--max-tokens", 512]
 TEACHER_ARGS = ["--epochs", 20, "--batch-size", 16, "--lr", 5e-3, "--dim", 32, "--maxlen", 20, "--dropout", 0.2]
 
 
@@ -22,6 +25,19 @@ def run_stage(script, *args, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def kill_when_checkpointed(script, args, checkpoint, timeout=300):
+    """Start a stage as a real subprocess and SIGKILL it as soon as its first epoch checkpoint exists."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not checkpoint.exists():
+        assert proc.poll() is None, f"{script} ended before it could be killed"
+        assert time.time() < deadline, f"{script} wrote no checkpoint in {timeout} s"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def copy_artifacts(pipeline, out, *names):
@@ -91,7 +107,7 @@ def pipeline(tmp_path_factory, tiny_llm, synthetic_file):
     common = ["--data", "synth", "--out", out, "--device", "cpu"]
     run_stage("01_prepare.py", "--data-file", synthetic_file, *common)
     run_stage("02_teacher.py", *common, *TEACHER_ARGS)
-    run_stage("03_sft.py", *common, "--llm", tiny_llm, "--k", 4, "--epochs", 3, "--lr", 3e-3, "--max-tokens", 512)
+    run_stage("03_sft.py", *common, "--llm", tiny_llm, *SFT_ARGS)
     run_stage("04_embed.py", *common)
     run_stage("05_student.py", *common, "--epochs", 5, "--batch-size", 16, "--lr", 5e-3, "--dim", 32, "--maxlen", 20, "--dropout", 0.2)
     return out / "synth"

@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from conftest import TEACHER_ARGS, copy_artifacts, run_stage
+from conftest import TEACHER_ARGS, copy_artifacts, kill_when_checkpointed, run_stage
 
 
 def test_teacher_learns_the_sequential_pattern(pipeline):
@@ -31,3 +31,16 @@ def test_same_seed_gives_the_same_teacher(pipeline, tmp_path):
     rerun = json.loads((tmp_path / "synth" / "teacher_metrics.json").read_text())
     first = json.loads((pipeline / "teacher_metrics.json").read_text())
     assert rerun["test"] == first["test"] and rerun["best_epoch"] == first["best_epoch"]
+
+
+def test_killed_teacher_resumes_to_the_same_result(pipeline, tmp_path):
+    """kill -9 after an epoch, then the same command: it resumes and ends with the uninterrupted run's metrics."""
+    args = ["--data", "synth", "--out", copy_artifacts(pipeline, tmp_path, "dataset.json"), "--device", "cpu", *TEACHER_ARGS]
+    kill_when_checkpointed("02_teacher.py", args, tmp_path / "synth" / "teacher.ckpt.pt")
+    assert not (tmp_path / "synth" / "teacher_metrics.json").exists()
+    rerun = run_stage("02_teacher.py", *args)
+    assert "resuming from" in rerun.stdout and "epoch 20 was done" not in rerun.stdout
+    resumed = json.loads((tmp_path / "synth" / "teacher_metrics.json").read_text())
+    first = json.loads((pipeline / "teacher_metrics.json").read_text())
+    assert resumed["test"] == first["test"] and resumed["best_epoch"] == first["best_epoch"]
+    assert not (tmp_path / "synth" / "teacher.ckpt.pt").exists()

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from conftest import NUM_GROUPS, NUM_USERS, copy_artifacts, make_tiny_llm, run_stage
+from conftest import (NUM_GROUPS, NUM_USERS, SFT_ARGS, TEACHER_ARGS, copy_artifacts, kill_when_checkpointed,
+                      make_tiny_llm, run_stage)
 
 sft = importlib.import_module("03_sft")
 
@@ -89,3 +90,20 @@ def test_sft_errors(pipeline, tmp_path):
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     proc = run_stage("03_sft.py", "--data", "synth", "--out", tmp_path, check=False)
     assert proc.returncode == 2 and "01_prepare.py" in proc.stderr
+
+
+def test_killed_sft_refuses_a_retrained_teacher_then_resumes(pipeline, tmp_path, tiny_llm):
+    out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt")
+    args = ["--data", "synth", "--out", out, "--llm", tiny_llm, "--device", "cpu", *SFT_ARGS]
+    kill_when_checkpointed("03_sft.py", args, out / "synth" / "sft.ckpt.pt")
+    assert not (out / "synth" / "sft_metrics.json").exists()
+    # The teacher is retrained (another seed) while SFT is interrupted: its checkpoint targets are stale now.
+    run_stage("02_teacher.py", "--data", "synth", "--out", out, "--device", "cpu", "--seed", 7, *TEACHER_ARGS)
+    proc = run_stage("03_sft.py", *args, check=False)
+    assert proc.returncode == 2 and "checkpoint of a run with other arguments or inputs" in proc.stderr, proc.stderr
+    # The original teacher back: the same command resumes and ends where the uninterrupted pipeline did.
+    copy_artifacts(pipeline, out, "teacher.pt")
+    assert "resuming from" in run_stage("03_sft.py", *args).stdout
+    resumed = json.loads((out / "synth" / "sft_metrics.json").read_text())["history"]
+    first = json.loads((pipeline / "sft_metrics.json").read_text())["history"]
+    assert [h["val_kl"] for h in resumed] == [h["val_kl"] for h in first]

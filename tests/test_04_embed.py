@@ -1,6 +1,6 @@
 import torch
 
-from conftest import run_stage
+from conftest import TEACHER_ARGS, copy_artifacts, run_stage
 
 
 def test_item_embeddings(pipeline):
@@ -19,3 +19,11 @@ def test_embed_is_deterministic(pipeline, tmp_path):
 def test_embed_needs_sft(tmp_path):
     proc = run_stage("04_embed.py", "--data", "ml-100k", "--out", tmp_path, check=False)
     assert proc.returncode == 2 and "01_prepare.py" in proc.stderr
+
+
+def test_embed_refuses_sft_from_an_older_teacher(pipeline, tmp_path):
+    out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt", "sft_head.pt")
+    run_stage("02_teacher.py", "--data", "synth", "--out", out, "--device", "cpu", "--seed", 7, *TEACHER_ARGS)
+    proc = run_stage("04_embed.py", "--data", "synth", "--out", out, "--device", "cpu", check=False)
+    assert proc.returncode == 2 and "the teacher was retrained after SFT" in proc.stderr, proc.stderr
+    assert not (out / "synth" / "item_emb.pt").exists()

@@ -1,0 +1,121 @@
+"""Every mistake a user can make gets exit code 2, one line on stderr naming the problem and the fix,
+and no new file in the out directory."""
+import os
+
+import pytest
+
+from conftest import copy_artifacts, run_stage
+
+S3REC_CASES = {  # file content -> words the error must contain
+    "non-integer item": ("1 5 6 x7\n", "'x7' is not an integer ID"),
+    "non-integer user": ("u1 5 6 7\n", "'u1' is not an integer ID"),
+    "too few interactions": ("1 5 6 7\n2 5\n", "fewer than 3 interactions"),
+    "user on two lines": ("1 5 6 7\n1 8 9 10\n", "appears on two lines"),
+    "empty file": ("\n\n", "holds no interactions"),
+}
+RECBOLE_HEADER = "user_id:token\titem_id:token\ttimestamp:float\n"
+RECBOLE_CASES = {
+    "header lacks timestamp": ("user_id:token\titem_id:token\n1\t2\n", "header lacks timestamp"),
+    "wrong column count": (RECBOLE_HEADER + "1\t2\t3\n1\t3\n", "2 columns where the header has 3"),
+    "second header": (RECBOLE_HEADER + "1\t2\t3\n" + RECBOLE_HEADER, "a second header line"),
+    "timestamp not a number": (RECBOLE_HEADER + "1\t2\tnoon\n", "'noon' is not a number"),
+    "empty .inter": ("", "is empty"),
+}
+
+
+def snapshot(directory):
+    return {os.path.join(root, f): os.path.getmtime(os.path.join(root, f))
+            for root, _, files in os.walk(directory) for f in files}
+
+
+def assert_clean_failure(proc, words, out, before):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], proc.stderr
+    assert snapshot(out) == before  # nothing written, nothing half-written
+
+
+@pytest.mark.parametrize("case", sorted(S3REC_CASES))
+def test_malformed_s3rec_file(tmp_path, case):
+    content, words = S3REC_CASES[case]
+    (tmp_path / "Bad.txt").write_text(content)
+    before = snapshot(tmp_path)
+    proc = run_stage("01_prepare.py", "--data-file", tmp_path / "Bad.txt", "--out", tmp_path / "out", check=False)
+    assert_clean_failure(proc, words, tmp_path, before)
+
+
+@pytest.mark.parametrize("case", sorted(RECBOLE_CASES))
+def test_malformed_recbole_file(tmp_path, case):
+    content, words = RECBOLE_CASES[case]
+    (tmp_path / "bad.inter").write_text(content)
+    before = snapshot(tmp_path)
+    proc = run_stage("01_prepare.py", "--data-file", tmp_path / "bad.inter", "--out", tmp_path / "out", check=False)
+    assert_clean_failure(proc, words, tmp_path, before)
+
+
+def test_file_that_is_not_text(tmp_path):
+    (tmp_path / "Photo.txt").write_bytes(bytes(range(128, 256)) * 4)
+    before = snapshot(tmp_path)
+    proc = run_stage("01_prepare.py", "--data-file", tmp_path / "Photo.txt", "--out", tmp_path / "out", check=False)
+    assert_clean_failure(proc, "is not a text file", tmp_path, before)
+
+
+def test_missing_file_and_unknown_dataset(tmp_path):
+    proc = run_stage("01_prepare.py", "--data-file", tmp_path / "nowhere.txt", "--out", tmp_path / "out", check=False)
+    assert_clean_failure(proc, "not found", tmp_path, {})
+    proc = run_stage("01_prepare.py", "--data", "amazon-books", "--out", tmp_path / "out", check=False)
+    assert_clean_failure(proc, "unknown dataset 'amazon-books'", tmp_path, {})
+
+
+@pytest.fixture
+def prepared(pipeline, tmp_path):
+    """A private copy of the pipeline's artifacts, so a stage that wrongly wrote something would show."""
+    return copy_artifacts(pipeline, tmp_path / "out", "dataset.json", "teacher.pt", "sft_head.pt", "item_emb.pt")
+
+
+STAGE_CASES = [
+    ("02_teacher.py", ["--epochs", "-1"], "--epochs must be positive"),
+    ("02_teacher.py", ["--batch-size", "0"], "--batch-size must be positive"),
+    ("02_teacher.py", ["--dim", "30", "--heads", "4"], "must be divisible by --heads"),
+    ("03_sft.py", ["--k", "1000"], "larger than the number of items"),
+    ("03_sft.py", ["--val-frac", "1.5"], "--val-frac must lie between 0 and 1"),
+    ("03_sft.py", ["--max-items", "0"], "--max-items must be positive"),
+    ("04_embed.py", ["--max-tokens", "0"], "--max-tokens must be positive"),
+    ("05_student.py", ["--models", "sasrec,transformer"], "unknown --models entry transformer"),
+    ("05_student.py", ["--lr", "-0.1"], "--lr must be positive"),
+]
+
+
+@pytest.mark.parametrize("script,args,words", STAGE_CASES)
+def test_out_of_range_arguments(prepared, script, args, words):
+    before = snapshot(prepared)
+    proc = run_stage(script, "--data", "synth", "--out", prepared, "--device", "cpu", *args, check=False)
+    assert_clean_failure(proc, words, prepared, before)
+
+
+@pytest.mark.parametrize("script,needs", [("02_teacher.py", "01_prepare.py"), ("03_sft.py", "02_teacher.py"),
+                                          ("04_embed.py", "03_sft.py"), ("05_student.py", "04_embed.py")])
+def test_stage_run_before_the_one_it_needs(pipeline, tmp_path, script, needs):
+    earlier = {"02_teacher.py": [], "03_sft.py": ["dataset.json"], "04_embed.py": ["dataset.json", "teacher.pt"],
+               "05_student.py": ["dataset.json", "teacher.pt", "sft_head.pt"]}[script]
+    out = copy_artifacts(pipeline, tmp_path / "out", *earlier)
+    before = snapshot(out)
+    proc = run_stage(script, "--data", "synth", "--out", out, "--device", "cpu", check=False)
+    assert_clean_failure(proc, f"python {needs}", out, before)
+
+
+def test_llm_that_is_not_a_causal_lm(prepared, tmp_path, tiny_llm):
+    from transformers import T5Config
+    T5Config(vocab_size=300, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2).save_pretrained(tmp_path / "t5")
+    for llm, words in ((tmp_path, "is not a model"), (tmp_path / "t5", "is an encoder-decoder model")):
+        before = snapshot(prepared)
+        proc = run_stage("03_sft.py", "--data", "synth", "--out", prepared, "--llm", llm, "--k", 4, "--device", "cpu", check=False)
+        assert_clean_failure(proc, words, prepared, before)
+
+
+def test_data_changed_after_the_teacher(prepared):
+    dataset = prepared / "synth" / "dataset.json"
+    dataset.write_text(dataset.read_text().replace('"name"', '"name" ', 1))  # same data, other bytes: a new fingerprint
+    before = snapshot(prepared)
+    proc = run_stage("03_sft.py", "--data", "synth", "--out", prepared, "--k", 4, "--device", "cpu", check=False)
+    assert_clean_failure(proc, "was made from a different dataset_fingerprint", prepared, before)
