@@ -35,21 +35,15 @@ def assert_clean_failure(proc, words, out, before):
     assert snapshot(out) == before  # nothing written, nothing half-written
 
 
-@pytest.mark.parametrize("case", sorted(S3REC_CASES))
-def test_malformed_s3rec_file(tmp_path, case):
-    content, words = S3REC_CASES[case]
-    (tmp_path / "Bad.txt").write_text(content)
-    before = snapshot(tmp_path)
-    proc = run_stage("01_prepare.py", "--data-file", tmp_path / "Bad.txt", "--out", tmp_path / "out", check=False)
-    assert_clean_failure(proc, words, tmp_path, before)
+FILE_CASES = ([("Bad.txt", *case) for case in S3REC_CASES.values()] +
+              [("bad.inter", *case) for case in RECBOLE_CASES.values()])
 
 
-@pytest.mark.parametrize("case", sorted(RECBOLE_CASES))
-def test_malformed_recbole_file(tmp_path, case):
-    content, words = RECBOLE_CASES[case]
-    (tmp_path / "bad.inter").write_text(content)
+@pytest.mark.parametrize("filename,content,words", FILE_CASES, ids=list(S3REC_CASES) + list(RECBOLE_CASES))
+def test_malformed_data_file(tmp_path, filename, content, words):
+    (tmp_path / filename).write_text(content)
     before = snapshot(tmp_path)
-    proc = run_stage("01_prepare.py", "--data-file", tmp_path / "bad.inter", "--out", tmp_path / "out", check=False)
+    proc = run_stage("01_prepare.py", "--data-file", tmp_path / filename, "--out", tmp_path / "out", check=False)
     assert_clean_failure(proc, words, tmp_path, before)
 
 
