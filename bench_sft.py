@@ -8,8 +8,8 @@ $ python bench_sft.py --data beauty                                      # the d
 $ python bench_sft.py --data beauty --config qwen2.5-0.5b                # random weights of a known shape (GPU)
 
 Per level, the code that 03_sft.py and 04_embed.py run, with the same prompts, LoRA and batching:
-- training: one epoch over the training users (user level: one sample per user; instance level: one
-  per train position). The user-level targets are random distributions: the cost does not depend on
+- training: one epoch over all users' train splits (user level: one sample per user; instance level:
+  one per train position; on Beauty 22,363 against 131,413 samples). The user-level targets are random distributions: the cost does not depend on
   their values, so the benchmark needs no teacher.
 - inference: what each paradigm needs the LLM for at recommendation time. P2Rec: 04_embed.py's one
   pass over all items (the student recommends without the LLM afterwards). Instance level: one
