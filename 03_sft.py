@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from common import (DEFAULT_LLM, LoRALLM, PromptBuilder, UserError, add_common_args, check_made_from,
                     check_positive, collate_prompts, file_fingerprint, length_batches, llm_fingerprint,
-                    load_checkpoint, load_dataset, load_llm, pick_device, preference_kl, require, rng_state,
-                    run_main, run_settings, save_atomic, seed_everything, set_rng_state, split_user, stage_dir)
+                    load_checkpoint, load_dataset, load_llm, pick_device, preference_kl, require, run_main,
+                    run_settings, save_atomic, save_checkpoint, seed_everything, split_user, stage_dir)
 
 
 def kmeans(x, k, iters, seed):
@@ -245,12 +245,10 @@ def main():
     checkpoint = os.path.join(out, "sft.ckpt.pt")  # a killed run resumes from here
     settings = run_settings(args, dataset_fingerprint=data["fingerprint"], teacher_fingerprint=file_fingerprint(teacher_path),
                             llm=llm_fingerprint(args.llm))
-    resumed = load_checkpoint(checkpoint, settings, args.force)
+    resumed = load_checkpoint(checkpoint, settings, args.force, gen)
     if resumed:
         model.load_state_dict(resumed["trainable"], strict=False)
         opt.load_state_dict(resumed["optimizer"])
-        gen.set_state(resumed["generator"])
-        set_rng_state(resumed["rng"])
         history = resumed["history"]
     else:
         history = [{"epoch": 0, loss_name: run_epoch(model, *val_set, val_batches, device, desc="val")[0]}]
@@ -265,8 +263,7 @@ def main():
         print(f"epoch {epoch}: train loss {train_loss:.4f}, {loss_name} {val_loss:.4f}, LLM time {seconds:.1f} s, "
               f"{tokens / seconds:.0f} tokens/s")
         trainable = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
-        save_atomic({"settings": settings, "epoch": epoch, "trainable": trainable, "optimizer": opt.state_dict(),
-                     "history": history, "generator": gen.get_state(), "rng": rng_state()}, checkpoint)
+        save_checkpoint(checkpoint, settings, epoch, gen, trainable=trainable, optimizer=opt.state_dict(), history=history)
 
     meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"], "llm": llm_fingerprint(args.llm),
             "teacher_fingerprint": file_fingerprint(teacher_path)}

@@ -128,9 +128,16 @@ def run_settings(args, **fingerprints):
     return {"args": {k: v for k, v in vars(args).items() if k not in ("device", "force")}, **fingerprints}
 
 
-def load_checkpoint(path, settings, force):
-    """The epoch checkpoint that an interrupted run left at `path`, if any. One made with other settings or
-    inputs stops the run (resuming it would mix two experiments) unless --force discards it."""
+def save_checkpoint(path, settings, epoch, generator, **state):
+    """An epoch checkpoint: the run's own state (model, optimiser, progress) plus every RNG, so that a
+    resumed run draws the same numbers as an uninterrupted one."""
+    save_atomic({"settings": settings, "epoch": epoch, "generator": generator.get_state(), "rng": rng_state(), **state}, path)
+
+
+def load_checkpoint(path, settings, force, generator):
+    """The epoch checkpoint that an interrupted run left at `path`, if any; restores `generator` and the
+    global RNGs from it. One made with other settings or inputs stops the run (resuming it would mix two
+    experiments) unless --force discards it."""
     if not os.path.exists(path):
         return None
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
@@ -140,6 +147,8 @@ def load_checkpoint(path, settings, force):
                             f"to finish it, or pass --force to discard it and start over")
         print(f"warning (--force): discarding {path}", file=sys.stderr)
         return None
+    generator.set_state(checkpoint["generator"])
+    set_rng_state(checkpoint["rng"])
     print(f"resuming from {path}: epoch {checkpoint['epoch']} was done")
     return checkpoint
 
@@ -379,13 +388,11 @@ def train_recommender(model, sequences, args, device, desc, checkpoint=None, set
     gen = torch.Generator().manual_seed(args.seed)
     best = {"valid": {"NDCG@10": -1.0}}
     history = []
-    resumed = load_checkpoint(checkpoint, settings, args.force) if checkpoint else None
+    resumed = load_checkpoint(checkpoint, settings, args.force, gen) if checkpoint else None
     if resumed:
         model.load_state_dict(resumed["model"])
         opt.load_state_dict(resumed["optimizer"])
         best, history = resumed["best"], resumed["history"]
-        gen.set_state(resumed["generator"])
-        set_rng_state(resumed["rng"])
     bar = tqdm(range(len(history) + 1, args.epochs + 1), desc=desc, leave=False, initial=len(history), total=args.epochs)
     for epoch in bar:
         model.train()
@@ -410,8 +417,8 @@ def train_recommender(model, sequences, args, device, desc, checkpoint=None, set
             best = {"epoch": epoch, "valid": metrics, "state": copy.deepcopy(model.state_dict())}
         bar.set_postfix(loss=f"{total_loss.item():.1f}", ndcg10=f"{metrics['NDCG@10']:.4f}", s=f"{train_time:.1f}")
         if checkpoint:
-            save_atomic({"settings": settings, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "best": best, "history": history, "generator": gen.get_state(), "rng": rng_state()}, checkpoint)
+            save_checkpoint(checkpoint, settings, epoch, gen, model=model.state_dict(), optimizer=opt.state_dict(),
+                            best=best, history=history)
     model.load_state_dict(best["state"])
     test_metrics = evaluate(model, *test, device)
     epoch_s = sum(h["train_s"] for h in history) / len(history)
