@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from common import (DEFAULT_LLM, LoRALLM, PromptBuilder, UserError, add_common_args, check_positive,
+from common import (DEFAULT_LLM, LoRALLM, PromptBuilder, UserError, add_common_args, check_positive, compile_blocks,
                     load_config_and_tokenizer, load_dataset, load_llm, pick_device, run_main, save_atomic,
                     seed_everything, stage_dir)
 
@@ -100,11 +100,14 @@ def bench_level(level, data, tokenizer, args, device, prior):
     params = non_embedding_params(base)
     num_outputs = args.k if level == "user" else data["num_items"] + 1
     model = LoRALLM(base, num_outputs, args.lora_r, 2 * args.lora_r, args.lora_dropout, ("q_proj", "v_proj")).to(device)
+    if args.compile:
+        compile_blocks(model.llm)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
     max_tokens = sft.fit_max_tokens(model, train_prompts, train_targets, args.max_tokens, device)
     batches = sft.length_grouped(train_prompts, max_tokens, shuffle=True, generator=torch.Generator().manual_seed(0))
-    # Warm-up outside the clock: CUDA context, kernels and cuBLAS plans.
-    warmup = sorted(batches, key=len)[:: max(1, len(batches) // 3)][:3]
+    # Warm-up outside the clock: CUDA context, kernels and cuBLAS plans; with --compile a whole epoch,
+    # which holds the compile and every recompile.
+    warmup = batches if args.compile else sorted(batches, key=len)[:: max(1, len(batches) // 3)][:3]
     _, warmup_s, _ = timed(device, lambda: sft.run_epoch(model, train_prompts, train_targets, warmup, device, opt))
     _, train_s, train_peak = timed(device, lambda: sft.run_epoch(model, train_prompts, train_targets, batches, device, opt))
 
@@ -113,6 +116,8 @@ def bench_level(level, data, tokenizer, args, device, prior):
     else:
         infer_batches = sft.length_grouped(infer_prompts, max_tokens, shuffle=False)
         infer = lambda: sft.run_epoch(model, infer_prompts, infer_targets, infer_batches, device)  # noqa: E731
+    if args.compile:
+        infer()  # the blocks compile once more for inference (no gradients, eval mode): not timed
     _, infer_s, infer_peak = timed(device, infer)
 
     peak = peak_flops(device)
@@ -183,6 +188,7 @@ def main():
     parser.add_argument("--max-items", type=int, default=50, help="most recent items in a prompt")
     parser.add_argument("--max-tokens", type=int, default=32768, help="tokens per batch (lowered when the GPU is short of memory)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2r, on q_proj and v_proj)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the LLM's blocks, as 03_sft.py --compile")
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (03_sft.py's default)")
     args = parser.parse_args()
     check_positive(args, "k", "max_items", "max_tokens", "lora_r")
@@ -206,7 +212,8 @@ def main():
     print_table(rows, title)
     for r in rows:
         if r["warmup_s"] is not None:
-            print(f"{r['level']}-level warm-up (3 batches, not timed): {r['warmup_s']:.1f} s")
+            what = "compile + one epoch" if args.compile else "3 batches"
+            print(f"{r['level']}-level warm-up ({what}, not timed): {r['warmup_s']:.1f} s")
     result = {"title": title, "args": vars(args), "device": device_name, "rows": rows, "ratios": ratios(rows)}
     for phase, r in result["ratios"].items():
         print(f"{phase}: instance-level / user-level time {r['time_ratio']:.1f}x, tokens {r['token_ratio']:.1f}x")
