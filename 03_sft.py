@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (DEFAULT_LLM, LoRALLM, PromptBuilder, UserError, add_common_args, check_made_from, compile_blocks,
-                    check_positive, collate_prompts, file_fingerprint, length_batches, llm_fingerprint,
+from common import (DEFAULT_LLM, LoRALLM, PromptBuilder, UserError, add_common_args, all_reduce_sum, check_made_from,
+                    check_positive, collate_prompts, compile_blocks, file_fingerprint, length_batches, llm_fingerprint,
                     load_checkpoint, load_dataset, load_llm, pick_device, preference_kl, require, run_main,
-                    run_settings, save_atomic, save_checkpoint, seed_everything, split_user, stage_dir)
+                    run_settings, save_atomic, save_checkpoint, seed_everything, setup_distributed, split_user,
+                    stage_dir)
 
 
 def kmeans(x, k, iters, seed):
@@ -114,33 +115,46 @@ def length_grouped(prompts, max_tokens, shuffle, generator=None):
     return length_batches([len(ids) for ids, _ in prompts], max_tokens, shuffle, generator)
 
 
-def run_epoch(model, prompts, targets, batches, device, opt=None, desc=""):
+def run_epoch(model, prompts, targets, batches, device, opt=None, desc="", rank=0, world=1):
     """One pass over `batches` (lists of sample indices); trains when an optimiser is given.
+    Under torchrun each process takes every world-th sample of each batch and DDP averages the gradients,
+    so the N processes together make exactly the step one process makes on the whole batch.
     Returns (mean loss, seconds, tokens). Nothing in the loop waits for the GPU."""
     model.train(opt is not None)
-    total, tokens, start = torch.zeros((), device=device), 0, time.time()
+    totals, start = torch.zeros(2, device=device), time.time()  # summed loss, tokens
     with torch.set_grad_enabled(opt is not None):
         for batch in tqdm(batches, desc=desc, leave=False):
-            ids, slots, last = collate_prompts([prompts[i] for i in batch], device)
-            tokens += ids.numel()
-            loss = sft_loss(model(ids, slots, last), targets[batch].to(device, non_blocking=True))
+            shard = batch[rank::world]
+            # A batch smaller than the world leaves some processes without samples: they step on one
+            # sample weighted 0, as DDP needs every process in every gradient exchange.
+            weight = len(shard) * world / len(batch)
+            shard = shard or batch[:1]
+            ids, slots, last = collate_prompts([prompts[i] for i in shard], device)
+            loss = sft_loss(model(ids, slots, last), targets[shard].to(device, non_blocking=True)) * weight
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
                 opt.step()
-            total += loss.detach() * len(batch)
-    n = sum(len(b) for b in batches)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return total.item() / n, time.time() - start, tokens
+            totals[0] += loss.detach() * len(batch) / world
+            totals[1] += ids.numel()
+    loss_sum, tokens = all_reduce_sum(totals, world).tolist()  # waits for the GPU, once per epoch
+    return loss_sum / sum(len(b) for b in batches), time.time() - start, int(tokens)
 
 
-def fit_max_tokens(model, prompts, targets, max_tokens, device):
+def fit_max_tokens(model, prompts, targets, max_tokens, device, world=1):
     """On the GPU, shrink the batch budget until a training step on the longest prompts fits in the free
-    memory (a 1.5B model does not fit 32k-token batches), instead of failing mid-epoch."""
+    memory (a 1.5B model does not fit 32k-token batches), instead of failing mid-epoch. Under torchrun all
+    processes take the smallest budget any of them found."""
     if device.type != "cuda":
         return max_tokens
+    fitted = torch.tensor(largest_fitting_budget(model, prompts, targets, max_tokens, device), device=device)
+    if world > 1:
+        torch.distributed.all_reduce(fitted, torch.distributed.ReduceOp.MIN)
+    return int(fitted)
+
+
+def largest_fitting_budget(model, prompts, targets, max_tokens, device):
     longest = sorted(range(len(prompts)), key=lambda i: len(prompts[i][0]))[::-1]
     while max_tokens >= len(prompts[longest[0]][0]):
         batch = longest[:max(1, max_tokens // len(prompts[longest[0]][0]))]
@@ -196,7 +210,7 @@ def main():
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (0: a few passes over the users need none, and it costs a copy of every q/v input)")
     parser.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names that get LoRA")
     args = parser.parse_args()
-    device = pick_device(args.device)
+    device, rank, world = setup_distributed(pick_device(args.device))
     args.max_tokens = args.max_tokens or (32768 if device.type == "cuda" else 4096)
     check_positive(args, "k", "kmeans_iters", "max_items", "epochs", "lr", "max_tokens", "lora_r")
     if not 0 < args.val_frac < 1:
@@ -242,33 +256,40 @@ def main():
     if args.compile:
         compile_blocks(model.llm)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, fused=device.type == "cuda")
-    max_tokens = fit_max_tokens(model, *train_set, args.max_tokens, device)
-    gen = torch.Generator().manual_seed(args.seed)
-    val_batches = length_grouped(val_set[0], max_tokens, shuffle=False)
+    max_tokens = fit_max_tokens(model, *train_set, args.max_tokens, device, world)
+    batch_tokens = max_tokens * world  # every process gets a share of each batch: --max-tokens is per process
+    gen = torch.Generator().manual_seed(args.seed)  # the same on every process, so all cut the same batches
+    val_batches = length_grouped(val_set[0], batch_tokens, shuffle=False)
+    trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    shards = {"rank": rank, "world": world}
 
     loss_name = "val_kl" if args.level == "user" else "val_ce"
     checkpoint = os.path.join(out, "sft.ckpt.pt")  # a killed run resumes from here
     settings = run_settings(args, dataset_fingerprint=data["fingerprint"], teacher_fingerprint=file_fingerprint(teacher_path),
-                            llm=llm_fingerprint(args.llm))
+                            llm=llm_fingerprint(args.llm), processes=world)
     resumed = load_checkpoint(checkpoint, settings, args.force, gen)
     if resumed:
         model.load_state_dict(resumed["trainable"], strict=False)
         opt.load_state_dict(resumed["optimizer"])
         history = resumed["history"]
     else:
-        history = [{"epoch": 0, loss_name: run_epoch(model, *val_set, val_batches, device, desc="val")[0]}]
+        history = [{"epoch": 0, loss_name: run_epoch(model, *val_set, val_batches, device, desc="val", **shards)[0]}]
     print(f"{args.level}-level SFT: {len(train_set[0])} training samples from {len(train_users)} users, "
           f"{len(val_users)} validation users, {args.llm} on {device}, {loss_name} before training {history[0][loss_name]:.4f}")
     for epoch in range(len(history), args.epochs + 1):
-        batches = length_grouped(train_set[0], max_tokens, shuffle=True, generator=gen)
-        train_loss, seconds, tokens = run_epoch(model, *train_set, batches, device, opt, f"epoch {epoch}")
-        val_loss = run_epoch(model, *val_set, val_batches, device, desc="val")[0]
+        batches = length_grouped(train_set[0], batch_tokens, shuffle=True, generator=gen)
+        train_loss, seconds, tokens = run_epoch(trained, *train_set, batches, device, opt, f"epoch {epoch}", **shards)
+        val_loss = run_epoch(model, *val_set, val_batches, device, desc="val", **shards)[0]
         history.append({"epoch": epoch, "train_loss": train_loss, loss_name: val_loss, "train_s": seconds,
                         "tokens": tokens, "samples": len(train_set[0])})
         print(f"epoch {epoch}: train loss {train_loss:.4f}, {loss_name} {val_loss:.4f}, LLM time {seconds:.1f} s, "
               f"{tokens / seconds:.0f} tokens/s")
-        trainable = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
-        save_checkpoint(checkpoint, settings, epoch, gen, trainable=trainable, optimizer=opt.state_dict(), history=history)
+        if rank == 0:  # every process holds the same weights: one writes
+            trainable = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+            save_checkpoint(checkpoint, settings, epoch, gen, trainable=trainable, optimizer=opt.state_dict(),
+                            history=history)
+    if rank > 0:
+        return
 
     meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"], "llm": llm_fingerprint(args.llm),
             "teacher_fingerprint": file_fingerprint(teacher_path)}

@@ -15,30 +15,33 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (PromptBuilder, add_common_args, check_made_from, check_positive, collate_prompts,
+from common import (PromptBuilder, add_common_args, all_reduce_sum, check_made_from, check_positive, collate_prompts,
                     file_fingerprint, length_batches, load_dataset, load_tuned_llm, pick_device, require, run_main,
-                    save_atomic, stage_dir)
+                    save_atomic, setup_distributed, stage_dir)
 
 
 @torch.no_grad()
-def embed_items(model, builder, num_items, max_tokens, device):
-    prompts = [builder([item]) for item in range(1, num_items + 1)]
+def embed_items(model, builder, num_items, max_tokens, device, rank=0, world=1):
+    """[num_items + 1, hidden] embeddings. Under torchrun each process embeds every world-th item into a
+    table of zeros and one all-reduce sums the tables: every row is filled by exactly one process."""
+    items = list(range(1 + rank, num_items + 1, world))
+    prompts = [builder([item]) for item in items]
     item_emb = torch.zeros(num_items + 1, model.head.in_features, device=device)
     for batch in tqdm(length_batches([len(p[0]) for p in prompts], max_tokens, shuffle=False), desc="items", leave=False):
         ids, slots, last = collate_prompts([prompts[i] for i in batch], device)
-        item_emb[torch.tensor(batch, device=device) + 1] = model.hidden(ids, slots, last).float()
-    return item_emb.cpu()  # one copy at the end: no wait for the GPU inside the loop
+        item_emb[torch.tensor([items[i] for i in batch], device=device)] = model.hidden(ids, slots, last).float()
+    return all_reduce_sum(item_emb, world).cpu()  # one copy at the end: no wait for the GPU inside the loop
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, seed=False)
-    parser.add_argument("--max-tokens", type=int, default=8192, help="tokens per batch")
+    parser.add_argument("--max-tokens", type=int, default=8192, help="tokens per batch (per process under torchrun)")
     args = parser.parse_args()
     check_positive(args, "max_tokens")
 
     data = load_dataset(args)
-    device = pick_device(args.device)
+    device, rank, world = setup_distributed(pick_device(args.device))
     out = stage_dir(args)
     sft_meta = require(os.path.join(out, "sft_head.pt.meta.json"), f"python 03_sft.py --data {args.data}")
     check_made_from(sft_meta, "dataset_fingerprint", data["fingerprint"],
@@ -51,12 +54,14 @@ def main():
     builder = PromptBuilder(tokenizer, state["args"]["item_repr"])
 
     start = time.time()
-    item_emb = embed_items(model, builder, data["num_items"], args.max_tokens, device)
+    item_emb = embed_items(model, builder, data["num_items"], args.max_tokens, device, rank, world)
     seconds = time.time() - start
+    if rank > 0:
+        return
     meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"],
             "sft_fingerprint": file_fingerprint(os.path.join(out, "sft_head.pt")), "seconds": seconds}
     save_atomic(item_emb, os.path.join(out, "item_emb.pt"), meta)
-    print(f"embed: {data['num_items']} items -> {tuple(item_emb.shape)} in {seconds:.1f} s on {device}; "
+    print(f"embed: {data['num_items']} items -> {tuple(item_emb.shape)} in {seconds:.1f} s on {world} x {device.type}; "
           f"next: python 05_student.py --data {args.data}")
 
 

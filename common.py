@@ -9,6 +9,7 @@ References
 - P2Rec: Liu et al., "A Practice-Friendly LLM-Enhanced Paradigm with Preference Parsing for
   Sequential Recommendation" (user-level SFT with a KL loss to a prior preference distribution).
 """
+import atexit
 import copy
 import hashlib
 import importlib.util
@@ -166,6 +167,33 @@ def pick_device(name):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but torch sees no GPU: use --device cpu")
     return torch.device(name)
+
+
+def setup_distributed(device):
+    """Under `torchrun --nproc_per_node N` (it sets WORLD_SIZE, RANK, LOCAL_RANK): join the process group,
+    NCCL between GPUs or gloo on CPU, take this process's own GPU, and silence every process but rank 0.
+    Returns (device, rank, world_size); a plain run is (device, 0, 1) and touches nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return device, 0, 1
+    import torch.distributed as dist
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(dist.destroy_process_group)
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
+        os.environ["TQDM_DISABLE"] = "1"
+    return device, rank, world
+
+
+def all_reduce_sum(tensor, world):
+    """Sum `tensor` over all processes, in place (a no-op for one process)."""
+    if world > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor
 
 
 def add_common_args(parser, seed=True):

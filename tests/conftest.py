@@ -3,6 +3,7 @@ the five stages on them (session-scoped, so every stage's test reads the same ar
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,14 @@ def run_stage(script, *args, check=True):
     return proc
 
 
+def run_torchrun(script, *args, nproc=2):
+    """Run a stage under `torchrun --nproc_per_node nproc` (gloo on CPU), as a multi-GPU user would on GPUs."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                           os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, f"torchrun {script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return proc
+
+
 def kill_when_checkpointed(script, args, checkpoint, timeout=300):
     """Start a stage as a real subprocess and SIGKILL it as soon as its first epoch checkpoint exists."""
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
@@ -44,6 +53,9 @@ def copy_artifacts(pipeline, out, *names):
     """Copy some of the pipeline's artifacts (and their .meta.json) into OUT/synth, to rerun a stage apart."""
     (out / "synth").mkdir(parents=True, exist_ok=True)
     for name in names:
+        if (pipeline / name).is_dir():
+            shutil.copytree(pipeline / name, out / "synth" / name)
+            continue
         for suffix in ("", ".meta.json"):
             if (pipeline / (name + suffix)).exists():
                 (out / "synth" / (name + suffix)).write_bytes((pipeline / (name + suffix)).read_bytes())

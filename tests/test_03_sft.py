@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import (NUM_GROUPS, NUM_USERS, SFT_ARGS, TEACHER_ARGS, copy_artifacts, kill_when_checkpointed,
-                      make_tiny_llm, run_stage)
+                      make_tiny_llm, run_stage, run_torchrun)
 
 sft = importlib.import_module("03_sft")
 
@@ -107,3 +107,16 @@ def test_killed_sft_refuses_a_retrained_teacher_then_resumes(pipeline, tmp_path,
     resumed = json.loads((out / "synth" / "sft_metrics.json").read_text())["history"]
     first = json.loads((pipeline / "sft_metrics.json").read_text())["history"]
     assert [h["val_kl"] for h in resumed] == [h["val_kl"] for h in first]
+
+
+def test_two_processes_train_like_one(pipeline, tmp_path, tiny_llm):
+    """torchrun with 2 gloo processes and half the per-process budget makes the very steps of one process."""
+    out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt")
+    args = [a if a != 512 else 256 for a in SFT_ARGS]  # --max-tokens is per process
+    proc = run_torchrun("03_sft.py", "--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, *args)
+    assert proc.stdout.count("user-level SFT:") == 1  # only rank 0 speaks
+    sharded = json.loads((out / "synth" / "sft_metrics.json").read_text())["history"]
+    single = json.loads((pipeline / "sft_metrics.json").read_text())["history"]
+    for key in ("train_loss", "val_kl"):
+        assert [h.get(key) for h in sharded] == pytest.approx([h.get(key) for h in single], rel=1e-3)
+    assert sharded[1]["val_kl"] != sharded[-1]["val_kl"]  # it trained

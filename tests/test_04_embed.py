@@ -1,6 +1,6 @@
 import torch
 
-from conftest import TEACHER_ARGS, copy_artifacts, run_stage
+from conftest import TEACHER_ARGS, copy_artifacts, run_stage, run_torchrun
 
 
 def test_item_embeddings(pipeline):
@@ -27,3 +27,9 @@ def test_embed_refuses_sft_from_an_older_teacher(pipeline, tmp_path):
     proc = run_stage("04_embed.py", "--data", "synth", "--out", out, "--device", "cpu", check=False)
     assert proc.returncode == 2 and "the teacher was retrained after SFT" in proc.stderr, proc.stderr
     assert not (out / "synth" / "item_emb.pt").exists()
+
+
+def test_two_processes_embed_like_one(pipeline, tmp_path):
+    out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt", "sft_head.pt", "sft_adapter")
+    run_torchrun("04_embed.py", "--data", "synth", "--out", out, "--device", "cpu", "--max-tokens", 64)
+    assert torch.allclose(torch.load(out / "synth" / "item_emb.pt"), torch.load(pipeline / "item_emb.pt"), atol=1e-5)
