@@ -182,11 +182,18 @@ def setup_distributed(device):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    atexit.register(dist.destroy_process_group)
+    atexit.register(leave_process_group)
     if rank > 0:
         sys.stdout = open(os.devnull, "w")
         os.environ["TQDM_DISABLE"] = "1"
     return device, rank, world
+
+
+def leave_process_group():
+    """At exit, wait for every process (rank 0 may still be writing) and then leave together: a process that
+    tears its connections down while a peer still holds them aborts the run."""
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def all_reduce_sum(tensor, world):
@@ -558,16 +565,18 @@ def load_config_and_tokenizer(llm):
     return config, tokenizer
 
 
-def load_llm(llm, device):
-    """Load the base transformer (no LM head: we only need hidden states) and its tokenizer.
+def load_llm(llm, device, lm_head=False):
+    """Load the base transformer and its tokenizer: without the LM head (P2Rec needs only hidden states),
+    or with it (`lm_head`: the baselines score item names by their likelihood).
     bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow on most laptops)."""
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoModelForCausalLM
     config, tokenizer = load_config_and_tokenizer(llm)
     path, gguf_file = resolve_llm_path(llm)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # SDPA: with no attention mask and causal attention it runs the flash kernel on the GPU.
-    model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **kwargs).to(device)
+    auto = AutoModelForCausalLM if lm_head else AutoModel
+    model = auto.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **kwargs).to(device)
     return model, tokenizer
 
 
