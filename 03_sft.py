@@ -202,7 +202,7 @@ def main():
                              "32768 on GPU, lowered automatically when the GPU memory is short")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the LLM's blocks (GPU): ~2x faster epochs after a 1-2 min compile, "
-                             "so it pays for long runs (README, performance)")
+                             "so it pays for long runs (README, Speed)")
     parser.add_argument("--val-frac", type=float, default=0.05, help="users held out to measure validation KL")
     # LoRA
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")

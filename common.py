@@ -708,7 +708,7 @@ def compile_blocks(llm):
     """torch.compile every transformer block of `llm`, with dynamic shapes so that one compiled graph serves
     all batch shapes and, the blocks sharing their code, all layers. It fuses what eager PyTorch runs as many
     small memory-bound kernels (RMSNorm, RoPE, SwiGLU, LoRA's scaling): 60% of the GPU time of an eager
-    0.5B-model step. The compile takes a minute or two once (README, performance)."""
+    0.5B-model step. The compile takes a minute or two once (README, Speed)."""
     blocks = next(m for m in llm.modules() if isinstance(m, nn.ModuleList))  # model.layers in HF decoders
     for block in blocks:
         block.compile(dynamic=True)

@@ -1,0 +1,301 @@
+"""
+DELRec baseline (Zhang et al., "Distilling Sequential Pattern to Enhance LLMs-based Sequential
+Recommendation"): distil the SASRec teacher's patterns into a soft prompt of a frozen LLM, then fine-tune
+the LLM with AdaLoRA to name the next item among 20 candidates.
+
+Reads  out/<dataset>/dataset.json (01_prepare.py), teacher.pt (02_teacher.py), student.pt (05_student.py,
+       optional: the P2Rec student is scored on the same candidates)
+Writes out/<dataset>/delrec_soft_prompt.pt, out/<dataset>/delrec_metrics.json
+
+$ python baselines/delrec.py --data ml-100k
+
+Stage 1 (pattern distillation): only `--virtual-tokens` prompt embeddings train, the LLM is frozen, on two
+tasks mixed with a dynamic weight (each task weighted by its share of the summed loss, so the lagging
+task gets more): Temporal Analysis (the history and the item that came after a gap: name the item in the
+gap) and Recommendation Pattern Simulating (name the teacher's top-1 among its top-10 and 10 random items).
+Stage 2: the soft prompt is frozen, AdaLoRA adapts the LLM to name the true next item among 20 candidates.
+Scoring: the mean log-likelihood of each candidate's name after the prompt, so every candidate gets a
+score. Items are named by title where the data has them (ml-100k), else "item <id>" (Beauty).
+`--no-stage1` is the paper's ablation: stage 2 with no distilled prompt.
+"""
+import argparse
+import math
+import os
+import random
+import sys
+from collections import Counter
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import (DEFAULT_LLM, SASRec, UserError, add_common_args, check_positive, load_dataset,  # noqa: E402
+                    load_llm, pick_device, require, run_main, save_atomic, seed_everything, split_user, stage_dir)
+
+KS = (1, 5, 10)
+
+
+def random_unseen(seen, n, num_items, rng):
+    """n distinct random items outside `seen`."""
+    pool = set()
+    while len(pool) < n:
+        item = rng.randint(1, num_items)
+        if item not in seen:
+            pool.add(item)
+    return sorted(pool)
+
+
+def candidate_set(seen, target, num_items, size, rng):
+    """The target plus size-1 distinct random items the user has never interacted with, shuffled."""
+    cands = random_unseen(seen, size - 1, num_items, rng) + [target]
+    rng.shuffle(cands)
+    return cands
+
+
+class Prompts:
+    """Token ids of the three DELRec prompts; items are named by title (or 'item <id>')."""
+
+    def __init__(self, tokenizer, titles, max_history):
+        self.tok, self.titles, self.max_history = tokenizer, titles or [], max_history
+        counts = Counter(self.titles)
+        self.shared = {title for title, n in counts.items() if n > 1}  # two films called "Hamlet"
+        self.cache = {}
+
+    def name(self, item):
+        """The item's title (indexed by item ID); the ID where it has none or shares it with another item."""
+        title = self.titles[item] if item < len(self.titles) else ""
+        if not title:
+            return f"item {item}"
+        return title if title not in self.shared else f"{title} (item {item})"
+
+    def name_ids(self, item):
+        if item not in self.cache:
+            self.cache[item] = self.tok(" " + self.name(item), add_special_tokens=False).input_ids
+        return self.cache[item]
+
+    def text(self, history, tail):
+        items = "; ".join(self.name(i) for i in history[-self.max_history:])
+        return self.tok(f"A user's items, oldest first: {items}. {tail}", add_special_tokens=False).input_ids
+
+    def temporal(self, history, after_gap):
+        return self.text(history, f"Then one item is missing, and after it came: {self.name(after_gap)}. "
+                                  f"The missing item was:")
+
+    def ranking(self, history, cands, who="The user chose next"):
+        return self.text(history, f"Candidates: {'; '.join(self.name(c) for c in cands)}. {who}:")
+
+
+class SoftPromptLM(nn.Module):
+    """A causal LM whose input starts with `n` trainable virtual-token embeddings (none when n = 0)."""
+
+    def __init__(self, llm, n):
+        super().__init__()
+        self.llm = llm
+        emb = llm.get_input_embeddings().weight
+        start = emb[torch.randint(len(emb), (n,))].detach().float().clone()  # real tokens: a sane scale
+        self.soft = nn.Parameter(start)
+
+    def decoder_and_head(self):
+        model = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        return model.get_decoder(), model.get_output_embeddings()
+
+    def embed(self, ids):
+        tokens = self.llm.get_input_embeddings()(ids)
+        return torch.cat([self.soft.to(tokens.dtype).expand(len(ids), -1, -1), tokens], 1)
+
+    def target_nll(self, samples, device):
+        """Mean negative log-likelihood of each sample's target tokens; samples are (prompt ids, target ids)."""
+        L = max(len(p) + len(t) for p, t in samples)
+        ids = torch.zeros(len(samples), L, dtype=torch.long)
+        labels = torch.full((len(samples), L), -100)
+        for row, (p, t) in enumerate(samples):
+            ids[row, :len(p) + len(t)] = torch.tensor(p + t)
+            labels[row, len(p):len(p) + len(t)] = torch.tensor(t)
+        ids, labels = ids.to(device), labels.to(device)
+        decoder, head = self.decoder_and_head()
+        hidden = decoder(inputs_embeds=self.embed(ids), use_cache=False).last_hidden_state[:, len(self.soft):]
+        # position j predicts token j + 1: read only the positions that predict a target token
+        pred = labels[:, 1:] != -100
+        logits = head(hidden[:, :-1][pred]).float()
+        return F.cross_entropy(logits, labels[:, 1:][pred])
+
+    @torch.no_grad()
+    def score(self, prompt, names, device):
+        """Mean log-likelihood of each name after `prompt`: the prompt runs once, its KV cache is shared."""
+        decoder, head = self.decoder_and_head()
+        out = decoder(inputs_embeds=self.embed(torch.tensor([prompt], device=device)), use_cache=True)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(len(names))
+        L = max(len(n) for n in names)
+        ids = torch.zeros(len(names), L, dtype=torch.long, device=device)
+        for row, n in enumerate(names):
+            ids[row, :len(n)] = torch.tensor(n)
+        hidden = decoder(inputs_embeds=self.llm.get_input_embeddings()(ids), past_key_values=cache).last_hidden_state
+        hidden = torch.cat([out.last_hidden_state[:, -1:].expand(len(names), -1, -1), hidden[:, :-1]], 1)
+        logp = head(hidden).float().log_softmax(-1).gather(2, ids[..., None])[..., 0]
+        real = torch.zeros_like(logp, dtype=torch.bool)
+        for row, n in enumerate(names):
+            real[row, :len(n)] = True
+        return ((logp * real).sum(1) / real.sum(1)).cpu()
+
+
+def train(model, params, batches, args, device, desc, step_hook=None):
+    """AdamW over `params` on batches of (task name, samples); the two distillation tasks share each step
+    with dynamic weights: weight_i = loss_i / sum of losses (detached)."""
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    for step, tasks in enumerate(tqdm(batches, desc=desc, leave=False)):
+        losses = [model.target_nll(samples, device) for samples in tasks]
+        total = sum(losses)
+        loss = sum(loss * (loss.detach() / total.detach()) for loss in losses) if len(losses) > 1 else total
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step_hook:
+            step_hook(step)
+    return loss.item()
+
+
+def add_adalora(model, total_step):
+    """Wrap the LLM in AdaLoRA (rank 12 budgeted down to 8 over `total_step` steps, on q/v); returns the
+    trainable parameters. Each step must then call model.llm.base_model.update_and_allocate(step)."""
+    from peft import AdaLoraConfig, get_peft_model
+    config = AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                           total_step=total_step)
+    model.llm = get_peft_model(model.llm, config)
+    return [p for p in model.llm.parameters() if p.requires_grad]
+
+
+def chunks(samples, size):
+    return [samples[i:i + size] for i in range(0, len(samples), size)]
+
+
+def load_sasrec(path, num_items):
+    state = torch.load(path, map_location="cpu")
+    a = state["args"]
+    model = SASRec(num_items, a["dim"], a.get("blocks", 2), a.get("heads", 1), a["maxlen"], a["dropout"])
+    model.load_state_dict(state["state"])
+    return model.eval()
+
+
+@torch.no_grad()
+def sasrec_scores(model, history, cands):
+    seq = torch.tensor([history[-model.pos_emb.num_embeddings:]])
+    return (model(seq)[0, -1] @ model.item_table()[torch.tensor(cands)].T)
+
+
+def candidate_metrics(scores, target_index):
+    rank = int((scores > scores[target_index]).sum())
+    out = {f"HR@{k}": float(rank < k) for k in KS}
+    out.update({f"NDCG@{k}": (rank < k) / math.log2(rank + 2) for k in (5, 10)})
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--llm", default=DEFAULT_LLM,
+                        help="'smollm2' (default), a .gguf file or a HF causal LM directory")
+    parser.add_argument("--virtual-tokens", type=int, default=20, help="soft prompt length (the paper: 100)")
+    parser.add_argument("--candidates", type=int, default=20, help="items ranked per test case")
+    parser.add_argument("--max-history", type=int, default=10, help="most recent items in a prompt")
+    parser.add_argument("--train-users", type=int, default=300,
+                        help="users whose train split makes the training samples")
+    parser.add_argument("--test-users", type=int, default=0, help="users scored (0: all)")
+    parser.add_argument("--stage1-epochs", type=int, default=1, help="passes of pattern distillation")
+    parser.add_argument("--stage2-epochs", type=int, default=1, help="passes of AdaLoRA fine-tuning")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--no-stage1", action="store_true", help="ablation: stage 2 without a distilled soft prompt")
+    args = parser.parse_args()
+    check_positive(args, "virtual_tokens", "max_history", "train_users", "stage1_epochs", "stage2_epochs",
+                   "batch_size", "lr")
+    if args.test_users < 0:
+        raise UserError(f"--test-users must be 0 (all) or more, got {args.test_users}")
+    if args.candidates < 11:
+        raise UserError(f"--candidates must be at least 11 (the teacher's top-10 and one more), got {args.candidates}")
+    data = load_dataset(args)
+    device = pick_device(args.device)
+    out = stage_dir(args)
+    teacher = load_sasrec(require(os.path.join(out, "teacher.pt"), f"python 02_teacher.py --data {args.data}"),
+                          data["num_items"])
+    student_path = os.path.join(out, "student.pt")
+    student = load_sasrec(student_path, data["num_items"]) if os.path.exists(student_path) else None
+    meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"]}
+    seed_everything(args.seed)
+    rng = random.Random(args.seed)
+
+    llm, tokenizer = load_llm(args.llm, device, lm_head=True)
+    llm.requires_grad_(False)
+    prompts = Prompts(tokenizer, data["item_titles"], args.max_history)
+    model = SoftPromptLM(llm, 0 if args.no_stage1 else args.virtual_tokens).to(device)
+    seqs = data["sequences"]
+    users = rng.sample(range(len(seqs)), min(args.train_users, len(seqs)))
+
+    if not args.no_stage1:  # stage 1: only the soft prompt learns
+        temporal, simulated = [], []
+        for u in users:
+            train_part = split_user(seqs[u])[0]
+            if len(train_part) < 3:
+                continue
+            temporal.append((prompts.temporal(train_part[:-2], train_part[-1]), prompts.name_ids(train_part[-2])))
+            scores = sasrec_scores(teacher, train_part, list(range(data["num_items"] + 1)))
+            scores[0] = float("-inf")
+            top = scores.topk(10).indices.tolist()  # the teacher's top-10; its top-1 is the answer
+            cands = top + random_unseen(set(top) | set(seqs[u]), args.candidates - 10, data["num_items"], rng)
+            rng.shuffle(cands)
+            simulated.append((prompts.ranking(train_part, cands, "The sequential model recommends"),
+                              prompts.name_ids(top[0])))
+        steps = [list(pair) for _ in range(args.stage1_epochs)
+                 for pair in zip(chunks(temporal, args.batch_size), chunks(simulated, args.batch_size))]
+        loss = train(model, [model.soft], steps, args, device, "stage 1: soft prompt")
+        print(f"stage 1: {len(temporal)} temporal + {len(simulated)} simulating samples, last loss {loss:.3f}")
+        save_atomic({"soft": model.soft.detach().cpu(), "args": vars(args)},
+                    os.path.join(out, "delrec_soft_prompt.pt"), meta)
+
+    # stage 2: the soft prompt is frozen, AdaLoRA adapts the LLM to name the true next item
+    model.soft.requires_grad_(False)
+    recs = []
+    for u in users:
+        train_part = split_user(seqs[u])[0]
+        if len(train_part) < 2:
+            continue
+        cands = candidate_set(set(seqs[u]), train_part[-1], data["num_items"], args.candidates, rng)
+        recs.append((prompts.ranking(train_part[:-1], cands), prompts.name_ids(train_part[-1])))
+    steps = [[batch] for _ in range(args.stage2_epochs) for batch in chunks(recs, args.batch_size)]
+    loss = train(model, add_adalora(model, len(steps)), steps, args, device, "stage 2: AdaLoRA",
+                 step_hook=lambda step: model.llm.base_model.update_and_allocate(step))
+    print(f"stage 2: {len(recs)} samples, last loss {loss:.3f}")
+
+    # test: every system ranks the same candidates
+    model.eval()
+    n_test = args.test_users or len(seqs)
+    test_users = range(len(seqs)) if n_test >= len(seqs) else rng.sample(range(len(seqs)), n_test)
+    systems = {"SASRec teacher": teacher, "P2Rec student": student, "DELRec": model}
+    totals = {name: {} for name, m in systems.items() if m is not None}
+    test_rng = random.Random(args.seed + 1)  # the candidate sets depend on the seed only
+    for u in tqdm(test_users, desc="test", leave=False):
+        history, target = seqs[u][:-1], seqs[u][-1]
+        cands = candidate_set(set(seqs[u]), target, data["num_items"], args.candidates, test_rng)
+        for name, m in systems.items():
+            if m is None:
+                continue
+            if m is model:
+                scores = model.score(prompts.ranking(history, cands), [prompts.name_ids(c) for c in cands], device)
+            else:
+                scores = sasrec_scores(m, history, cands)
+            for k, v in candidate_metrics(scores, cands.index(target)).items():
+                totals[name][k] = totals[name].get(k, 0.0) + v
+    result = {name: {k: v / len(test_users) for k, v in t.items()} for name, t in totals.items()}
+    variant = "DELRec, no stage 1" if args.no_stage1 else "DELRec"
+    result[variant] = result.pop("DELRec")
+    save_atomic({"args": vars(args), "test_users": len(test_users), "metrics": result},
+                os.path.join(out, "delrec_no_stage1_metrics.json" if args.no_stage1 else "delrec_metrics.json"), meta)
+    print(f"{args.candidates} candidates per test user, {len(test_users)} users")
+    for name, m in result.items():
+        print(f"  {name:20s} " + " ".join(f"{k} {v:.4f}" for k, v in m.items()))
+
+
+if __name__ == "__main__":
+    run_main(main)
