@@ -20,7 +20,6 @@ GPU's dense bf16 peak.
 """
 import argparse
 import importlib
-import json
 import os
 import time
 
