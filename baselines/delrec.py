@@ -135,10 +135,9 @@ class SoftPromptLM(nn.Module):
         hidden = decoder(inputs_embeds=self.llm.get_input_embeddings()(ids), past_key_values=cache).last_hidden_state
         hidden = torch.cat([out.last_hidden_state[:, -1:].expand(len(names), -1, -1), hidden[:, :-1]], 1)
         logp = head(hidden).float().log_softmax(-1).gather(2, ids[..., None])[..., 0]
-        real = torch.zeros_like(logp, dtype=torch.bool)
-        for row, n in enumerate(names):
-            real[row, :len(n)] = True
-        return ((logp * real).sum(1) / real.sum(1)).cpu()
+        lengths = torch.tensor([len(n) for n in names], device=device)
+        real = torch.arange(L, device=device) < lengths[:, None]  # the names' own tokens, not padding
+        return ((logp * real).sum(1) / lengths).cpu()
 
 
 def train(model, params, batches, args, device, desc, step_hook=None):
