@@ -533,6 +533,41 @@ def format_metrics(m, prefix=""):
     return " ".join(f"{k} {m[prefix + k]:.4f}" for k in ("HR@10", "NDCG@10", "HR@20", "NDCG@20"))
 
 
+# ----------------------------------------------------------------------------- candidate ranking (the LLM baselines)
+
+def random_unseen(seen, n, num_items, rng):
+    """n distinct random items outside `seen`."""
+    pool = set()
+    while len(pool) < n:
+        item = rng.randint(1, num_items)
+        if item not in seen:
+            pool.add(item)
+    return sorted(pool)
+
+
+def candidate_set(seen, target, num_items, size, rng):
+    """The target plus size-1 distinct random items the user has never interacted with, shuffled."""
+    cands = random_unseen(seen, size - 1, num_items, rng) + [target]
+    rng.shuffle(cands)
+    return cands
+
+
+def load_sasrec(path, num_items):
+    """A trained SASRec (teacher.pt or student.pt) in eval mode, rebuilt from the settings saved with it."""
+    state = torch.load(path, map_location="cpu")
+    a = state["args"]
+    model = SASRec(num_items, a["dim"], a.get("blocks", 2), a.get("heads", 1), a["maxlen"], a["dropout"])
+    model.load_state_dict(state["state"])
+    return model.eval()
+
+
+@torch.no_grad()
+def sasrec_scores(model, history, cands):
+    """The model's scores of `cands` as the next item after `history` (its last maxlen items)."""
+    seq = torch.tensor([history[-model.pos_emb.num_embeddings:]])
+    return (model(seq)[0, -1] @ model.item_table()[torch.tensor(cands)].T)
+
+
 # ----------------------------------------------------------------------------- the LLM
 
 def resolve_llm_path(llm):

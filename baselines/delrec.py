@@ -31,27 +31,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (DEFAULT_LLM, SASRec, UserError, add_common_args, check_positive, load_dataset,  # noqa: E402
-                    load_llm, pick_device, require, run_main, save_atomic, seed_everything, split_user, stage_dir)
+from common import (DEFAULT_LLM, UserError, add_common_args, candidate_set, check_positive, load_dataset,  # noqa: E402
+                    load_llm, load_sasrec, pick_device, random_unseen, require, run_main, sasrec_scores, save_atomic,
+                    seed_everything, split_user, stage_dir)
 
 KS = (1, 5, 10)
-
-
-def random_unseen(seen, n, num_items, rng):
-    """n distinct random items outside `seen`."""
-    pool = set()
-    while len(pool) < n:
-        item = rng.randint(1, num_items)
-        if item not in seen:
-            pool.add(item)
-    return sorted(pool)
-
-
-def candidate_set(seen, target, num_items, size, rng):
-    """The target plus size-1 distinct random items the user has never interacted with, shuffled."""
-    cands = random_unseen(seen, size - 1, num_items, rng) + [target]
-    rng.shuffle(cands)
-    return cands
 
 
 class Prompts:
@@ -168,20 +152,6 @@ def add_adalora(model, total_step):
 
 def chunks(samples, size):
     return [samples[i:i + size] for i in range(0, len(samples), size)]
-
-
-def load_sasrec(path, num_items):
-    state = torch.load(path, map_location="cpu")
-    a = state["args"]
-    model = SASRec(num_items, a["dim"], a.get("blocks", 2), a.get("heads", 1), a["maxlen"], a["dropout"])
-    model.load_state_dict(state["state"])
-    return model.eval()
-
-
-@torch.no_grad()
-def sasrec_scores(model, history, cands):
-    seq = torch.tensor([history[-model.pos_emb.num_embeddings:]])
-    return (model(seq)[0, -1] @ model.item_table()[torch.tensor(cands)].T)
 
 
 def candidate_metrics(scores, target_index):

@@ -10,6 +10,7 @@ from conftest import ROOT, copy_artifacts, run_stage
 
 sys.path.insert(0, ROOT + "/baselines")
 import delrec  # noqa: E402
+from common import candidate_set  # noqa: E402
 
 ARGS = ["--train-users", 40, "--virtual-tokens", 4, "--batch-size", 8, "--lr", 1e-2]
 
@@ -18,7 +19,7 @@ def test_candidate_sets_hold_the_target_and_no_seen_item_or_duplicate():
     rng = random.Random(0)
     seen = set(range(1, 30))
     for target in (30, 31, 40):
-        cands = delrec.candidate_set(seen | {target}, target, num_items=50, size=20, rng=rng)
+        cands = candidate_set(seen | {target}, target, num_items=50, size=20, rng=rng)
         assert len(cands) == 20 == len(set(cands)) and target in cands
         assert not (set(cands) - {target}) & seen
 
