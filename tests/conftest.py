@@ -88,7 +88,7 @@ def make_tiny_llm(path, arch="llama"):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     corpus = ["A shopper's items, oldest first: 1, 22, 333. The categories these items belong to:",
-              "Yes No item title genre 0123456789 user history summary candidate"]
+              "Answer: Yes Answer: No item title genre 0123456789 user history summary candidate"] + ["Answer: Yes No"] * 5
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>", "<s>"],
                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="<s>")

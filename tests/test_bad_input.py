@@ -77,6 +77,8 @@ STAGE_CASES = [
     ("04_embed.py", ["--max-tokens", "0"], "--max-tokens must be positive"),
     ("05_student.py", ["--models", "sasrec,transformer"], "unknown --models entry transformer"),
     ("05_student.py", ["--lr", "-0.1"], "--lr must be positive"),
+    ("baselines/llm_trsr.py", ["--candidates", "5"], "--candidates must be at least 11"),
+    ("baselines/llm_trsr.py", ["--block-size", "0"], "--block-size must be positive"),
 ]
 
 
@@ -88,10 +90,12 @@ def test_out_of_range_arguments(prepared, script, args, words):
 
 
 @pytest.mark.parametrize("script,needs", [("02_teacher.py", "01_prepare.py"), ("03_sft.py", "02_teacher.py"),
-                                          ("04_embed.py", "03_sft.py"), ("05_student.py", "04_embed.py")])
+                                          ("04_embed.py", "03_sft.py"), ("05_student.py", "04_embed.py"),
+                                          ("baselines/llm_trsr.py", "02_teacher.py")])
 def test_stage_run_before_the_one_it_needs(pipeline, tmp_path, script, needs):
     earlier = {"02_teacher.py": [], "03_sft.py": ["dataset.json"], "04_embed.py": ["dataset.json", "teacher.pt"],
-               "05_student.py": ["dataset.json", "teacher.pt", "sft_head.pt"]}[script]
+               "05_student.py": ["dataset.json", "teacher.pt", "sft_head.pt"],
+               "baselines/llm_trsr.py": ["dataset.json"]}[script]
     out = copy_artifacts(pipeline, tmp_path / "out", *earlier)
     before = snapshot(out)
     proc = run_stage(script, "--data", "synth", "--out", out, "--device", "cpu", check=False)

@@ -1,0 +1,174 @@
+import json
+import random
+import sys
+import types
+
+import pytest
+import torch
+
+from conftest import ROOT, copy_artifacts, run_stage
+
+sys.path.insert(0, ROOT + "/baselines")
+import llm_trsr  # noqa: E402
+
+ARGS = ["--train-users", 30, "--test-users", 20, "--summary-tokens", 4, "--generate-batch", 16, "--lr", 1e-2]
+
+
+def test_blocks_are_cut_from_the_start_and_only_the_last_ones_kept():
+    history = list(range(1, 24))  # 23 items: blocks of 5, 5, 5, 5, 3
+    assert llm_trsr.split_blocks(history, 5, 5) == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15],
+                                                    [16, 17, 18, 19, 20], [21, 22, 23]]
+    assert llm_trsr.split_blocks(history, 5, 2) == [[16, 17, 18, 19, 20], [21, 22, 23]]
+    assert llm_trsr.split_blocks(list(range(1, 31)), 5, 5)[0] == [6, 7, 8, 9, 10]  # 6 blocks: the first is dropped
+    assert llm_trsr.split_blocks([7, 8], 5, 5) == [[7, 8]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llm):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llm).requires_grad_(False).eval()
+    titles = [""] + [f"Film {i}" for i in range(1, 41)]
+    genres = [[]] + [["Drama"] if i % 2 else ["Comedy", "War"] for i in range(1, 41)]
+    return llm, llm_trsr.Texts(AutoTokenizer.from_pretrained(tiny_llm), titles, genres)
+
+
+class RecordingSummarizer(llm_trsr.Summarizer):
+    """Returns a text naming the prompt it was given instead of generating, so tests can follow the chain."""
+
+    def __init__(self, texts, path, settings=None):
+        args = types.SimpleNamespace(block_size=5, max_blocks=5, generate_batch=4, summary_tokens=4)
+        super().__init__(None, texts, args, torch.device("cpu"), str(path), settings or {"v": 1})
+        self.prompts = []
+
+    def generate(self, prompts):
+        self.prompts += prompts
+        return [f"S{len(self.prompts) - len(prompts) + n}" for n in range(len(prompts))]
+
+
+def test_items_are_named_by_title_and_genres(tiny):
+    _, texts = tiny
+    assert texts.item(1) == "Film 1 (Drama)" and texts.item(2) == "Film 2 (Comedy, War)"
+    assert "item 7" in llm_trsr.Texts(texts.tok, None, None).block([7])
+
+
+def test_hierarchical_summarises_each_block_then_merges_them(tiny, tmp_path):
+    _, texts = tiny
+    s = RecordingSummarizer(texts, tmp_path / "cache.json")
+    [summary] = s.hierarchical([list(range(1, 13))])  # blocks [1..5] [6..10] [11, 12]
+    blocks = [texts.block(list(range(1, 6))), texts.block(list(range(6, 11))), texts.block([11, 12])]
+    assert sorted(s.prompts[:3]) == sorted(blocks)
+    block_summaries = [s.cache[llm_trsr.block_key(b)] for b in ([1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12])]
+    assert s.prompts[3:] == [texts.merge(block_summaries)]  # oldest block first
+    assert summary == "S3"
+    assert "Film 11 (Drama); Film 12 (Comedy, War)" in blocks[2]
+
+
+def test_recurrent_updates_one_summary_block_by_block(tiny, tmp_path):
+    _, texts = tiny
+    s = RecordingSummarizer(texts, tmp_path / "cache.json")
+    [summary] = s.recurrent([list(range(1, 13))])
+    assert s.prompts == [texts.block([1, 2, 3, 4, 5]), texts.update("S0", [6, 7, 8, 9, 10]), texts.update("S1", [11, 12])]
+    assert summary == "S2"
+
+
+def test_summary_cache_is_reused_and_dropped_when_settings_change(tiny, tmp_path):
+    _, texts = tiny
+    histories = [list(range(1, 13)), list(range(20, 27))]
+    first = RecordingSummarizer(texts, tmp_path / "cache.json")
+    summaries = first.hierarchical(histories)
+    assert first.prompts
+    again = RecordingSummarizer(texts, tmp_path / "cache.json")  # a rerun reads the file
+    assert again.hierarchical(histories) == summaries and again.prompts == []
+    # the recurrent paradigm shares the first block's summary; a longer history reuses its old blocks
+    longer = RecordingSummarizer(texts, tmp_path / "cache.json")
+    longer.recurrent([list(range(1, 14))])
+    assert texts.block([1, 2, 3, 4, 5]) not in longer.prompts and len(longer.prompts) == 2
+    both = RecordingSummarizer(texts, tmp_path / "cache.json")  # same blocks, the other paradigm: its own summary
+    assert both.recurrent(histories[:1]) != summaries[:1] and len(both.prompts) == 1  # blocks 1-2 came from `longer`
+    other = RecordingSummarizer(texts, tmp_path / "cache.json", settings={"v": 2})
+    other.hierarchical(histories)
+    assert len(other.prompts) == len(first.prompts)
+
+
+def test_generation_is_batched_and_capped(tiny, tmp_path):
+    llm, texts = tiny
+    args = types.SimpleNamespace(summary_tokens=3)
+    s = llm_trsr.Summarizer(llm, texts, args, torch.device("cpu"), str(tmp_path / "c.json"), {})
+    prompts = [texts.block([1]), texts.block([1, 2, 3, 4, 5])]  # different lengths: left padding
+    new_tokens = []
+    generate = llm.generate
+    llm.generate = lambda **kw: new_tokens.append(generate(**kw).shape[1] - kw["input_ids"].shape[1]) or generate(**kw)
+    try:
+        batched = s.generate(prompts)
+        alone = [s.generate([p])[0] for p in prompts]
+    finally:
+        del llm.generate
+    assert batched == alone and all(batched)
+    assert max(new_tokens) == 3
+
+
+def test_yes_probability_covers_every_candidate_and_matches_a_full_forward(tiny):
+    llm, texts = tiny
+    answers = list(texts.answer_ids())
+    prefix = texts.user_ids("likes dramas", [1, 2, 3])
+    cands = [4, 5, 6, 30]
+    probs = llm_trsr.yes_probability(llm, prefix, [texts.candidate_ids(c) for c in cands], answers,
+                                     torch.device("cpu"))
+    assert probs.shape == (len(cands),) and ((probs > 0) & (probs < 1)).all()
+    with torch.no_grad():
+        logits = llm_trsr.last_token_logits(llm, [prefix + texts.candidate_ids(c) for c in cands], torch.device("cpu"))
+    assert torch.allclose(probs, logits[:, answers].softmax(-1)[:, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("answer", ["Yes", "No"])
+def test_lora_learns_to_answer(tiny_llm, tiny, answer):
+    from transformers import AutoModelForCausalLM
+    _, texts = tiny
+    torch.manual_seed(0)
+    llm, params = llm_trsr.add_lora(AutoModelForCausalLM.from_pretrained(tiny_llm).requires_grad_(False))
+    answers = dict(zip(("Yes", "No"), texts.answer_ids()))
+    prefix = texts.user_ids("likes dramas", [1, 3, 5])
+
+    def p_yes():
+        return llm_trsr.yes_probability(llm, prefix, [texts.candidate_ids(7), texts.candidate_ids(8)],
+                                        list(answers.values()), torch.device("cpu"))
+    before = p_yes()
+    samples = [(prefix + texts.candidate_ids(7), answer), (prefix + texts.candidate_ids(8), answer)]
+    llm_trsr.train(llm, params, samples, answers, types.SimpleNamespace(lr=3e-2, epochs=10, batch_size=2, seed=0),
+                   torch.device("cpu"))
+    moved = p_yes() - before
+    assert (moved > 0.1).all() if answer == "Yes" else (moved < -0.1).all()
+    assert all(p.grad is not None for p in params)
+
+
+def test_ranking_metrics_count_ties_against_the_target():
+    m = llm_trsr.ranking_metrics(torch.tensor([0.9, 0.5, 0.5, 0.1]), 2)  # rank 3 with the tie
+    assert m["Recall@3"] == 1 and m["MRR@3"] == pytest.approx(1 / 3)
+    m = llm_trsr.ranking_metrics(torch.tensor([0.1] * 3 + [0.9] * 8), 0)
+    assert m["Recall@10"] == 0 and m["MRR@10"] == 0
+
+
+@pytest.mark.parametrize("paradigm", llm_trsr.PARADIGMS)
+def test_end_to_end(pipeline, tmp_path, tiny_llm, paradigm):
+    out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt", "student.pt")
+    common = ["--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, "--paradigm", paradigm, *ARGS]
+    proc = run_stage("baselines/llm_trsr.py", *common)
+    result = json.loads((out / "synth" / f"llm_trsr_{paradigm}_metrics.json").read_text())
+    assert set(result["metrics"]) == {"SASRec teacher", "P2Rec student", f"LLM-TRSR ({paradigm})"}
+    assert result["train_samples"] == 60
+    for m in result["metrics"].values():
+        assert 0 <= m["MRR@3"] <= m["Recall@3"] <= m["Recall@5"] <= m["Recall@10"] <= 1
+    assert " 0 generated" not in proc.stdout
+    rerun = run_stage("baselines/llm_trsr.py", *common)
+    assert " 0 generated" in rerun.stdout  # every summary came from the cache
+
+
+def test_training_pairs_answer_yes_for_the_next_item_and_no_for_an_unseen_one():
+    seqs = [list(range(1, 12)), [5, 9, 2, 7, 3], [40, 39, 38]]
+    pairs = llm_trsr.training_pairs(seqs, [0, 1, 2] * 20, num_items=40, rng=random.Random(0))
+    assert len(pairs) == 120 and sum(answer == "Yes" for _, _, answer in pairs) == 60
+    for u, item, answer in pairs:
+        if answer == "Yes":
+            assert item == seqs[u][-3]  # the train split's last item: validation and test stay unseen
+        else:
+            assert item not in seqs[u] and 1 <= item <= 40
