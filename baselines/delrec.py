@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (DEFAULT_LLM, UserError, add_common_args, candidate_set, check_positive, load_dataset,  # noqa: E402
-                    load_llm, load_sasrec, pick_device, random_unseen, require, run_main, sasrec_scores, save_atomic,
+from common import (UserError, add_common_args, candidate_rank, candidate_set, check_positive, load_dataset,  # noqa: E402
+                    load_llm, load_teacher_and_student, pick_device, random_unseen, run_main, sasrec_scores, save_atomic,
                     seed_everything, split_user, stage_dir)
 
 KS = (1, 5, 10)
@@ -155,7 +155,7 @@ def chunks(samples, size):
 
 
 def candidate_metrics(scores, target_index):
-    rank = int((scores > scores[target_index]).sum())
+    rank = candidate_rank(scores, target_index)
     out = {f"HR@{k}": float(rank < k) for k in KS}
     out.update({f"NDCG@{k}": (rank < k) / math.log2(rank + 2) for k in (5, 10)})
     return out
@@ -163,9 +163,7 @@ def candidate_metrics(scores, target_index):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
-    parser.add_argument("--llm", default=DEFAULT_LLM,
-                        help="'smollm2' (default), a .gguf file or a HF causal LM directory")
+    add_common_args(parser, llm=True)
     parser.add_argument("--virtual-tokens", type=int, default=20, help="soft prompt length (the paper: 100)")
     parser.add_argument("--candidates", type=int, default=20, help="items ranked per test case")
     parser.add_argument("--max-history", type=int, default=10, help="most recent items in a prompt")
@@ -187,10 +185,7 @@ def main():
     data = load_dataset(args)
     device = pick_device(args.device)
     out = stage_dir(args)
-    teacher = load_sasrec(require(os.path.join(out, "teacher.pt"), f"python 02_teacher.py --data {args.data}"),
-                          data["num_items"])
-    student_path = os.path.join(out, "student.pt")
-    student = load_sasrec(student_path, data["num_items"]) if os.path.exists(student_path) else None
+    teacher, student = load_teacher_and_student(args, data["num_items"])
     meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"]}
     seed_everything(args.seed)
     rng = random.Random(args.seed)

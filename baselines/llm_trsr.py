@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (DEFAULT_LLM, UserError, add_common_args, candidate_set, check_positive,  # noqa: E402
-                    llm_fingerprint, load_dataset, load_llm, load_sasrec, matmul_dtype, pick_device,
-                    random_unseen, require, run_main, sasrec_scores, save_atomic, seed_everything, split_user,
+from common import (UserError, add_common_args, candidate_rank, candidate_set, check_positive,  # noqa: E402
+                    llm_fingerprint, load_dataset, load_llm, load_teacher_and_student, matmul_dtype, pick_device,
+                    random_unseen, run_main, sasrec_scores, save_atomic, seed_everything, split_user,
                     stage_dir)
 
 KS = (3, 5, 10)
@@ -246,7 +246,7 @@ def training_pairs(seqs, users, num_items, rng):
 
 def ranking_metrics(scores, target_index):
     """Recall@K and MRR@K of one target among the candidates (ties count against it)."""
-    rank = int((scores >= scores[target_index]).sum()) - 1
+    rank = candidate_rank(scores, target_index)
     out = {f"Recall@{k}": float(rank < k) for k in KS}
     out.update({f"MRR@{k}": (rank < k) / (rank + 1) for k in KS})
     return out
@@ -256,9 +256,7 @@ def ranking_metrics(scores, target_index):
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
-    parser.add_argument("--llm", default=DEFAULT_LLM,
-                        help="'smollm2' (default), a .gguf file or a HF causal LM directory")
+    add_common_args(parser, llm=True)
     parser.add_argument("--paradigm", default="hierarchical", choices=PARADIGMS, help="how blocks are summarised")
     parser.add_argument("--block-size", type=int, default=5, help="items per block")
     parser.add_argument("--max-blocks", type=int, default=5, help="the last this many blocks are summarised")
@@ -292,10 +290,7 @@ def main():
     data = load_dataset(args)
     device = pick_device(args.device)
     out = stage_dir(args)
-    teacher = load_sasrec(require(os.path.join(out, "teacher.pt"), f"python 02_teacher.py --data {args.data}"),
-                          data["num_items"])
-    student_path = os.path.join(out, "student.pt")
-    student = load_sasrec(student_path, data["num_items"]) if os.path.exists(student_path) else None
+    teacher, student = load_teacher_and_student(args, data["num_items"])
     seed_everything(args.seed)
     rng = random.Random(args.seed)
     seqs = data["sequences"]
