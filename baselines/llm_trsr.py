@@ -187,32 +187,33 @@ def add_lora(llm):
     return llm, [p for p in llm.parameters() if p.requires_grad]
 
 
-def last_token_logits(llm, prompts, device):
-    """Next-token logits after each prompt (lists of ids): right padding, the head runs on the last real
-    position only (the full [batch, length, vocab] logits would be most of the memory)."""
+def last_hidden(llm, seqs, device, cache=None):
+    """The decoder's hidden state at the last token of each id list (right-padded into one batch; causal
+    attention keeps the padding out of every real position), after `cache` when given. Returns it with the
+    base model, whose output embeddings are the LM head."""
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, :len(p)] = torch.tensor(p)
-    hidden = base.get_decoder()(input_ids=ids.to(device), use_cache=False).last_hidden_state
-    last = hidden[torch.arange(len(prompts), device=device), lengths - 1]
-    return F.linear(last.float(), base.get_output_embeddings().weight.float())  # fp32: bf16 logits tie often
+    lengths = torch.tensor([len(s) for s in seqs], device=device)
+    ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, :len(seq)] = torch.tensor(seq)
+    hidden = base.get_decoder()(input_ids=ids.to(device), past_key_values=cache, use_cache=cache is not None)
+    return hidden.last_hidden_state[torch.arange(len(seqs), device=device), lengths - 1].float(), base
+
+
+def last_token_logits(llm, prompts, device):
+    """Next-token logits after each prompt (lists of ids); the head runs on the last position only (the
+    full [batch, length, vocab] logits would be most of the memory), in fp32: bf16 logits tie often."""
+    last, base = last_hidden(llm, prompts, device)
+    return F.linear(last, base.get_output_embeddings().weight.float())
 
 
 @torch.no_grad()
 def yes_probability(llm, prefix, rests, answers, device):
     """P(Yes) against No for every candidate: the shared prefix runs once and its KV cache serves them all."""
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    decoder = base.get_decoder()
-    cache = decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+    cache = base.get_decoder()(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
     cache.batch_repeat_interleave(len(rests))
-    lengths = torch.tensor([len(r) for r in rests], device=device)
-    ids = torch.zeros(len(rests), int(lengths.max()), dtype=torch.long)
-    for row, r in enumerate(rests):
-        ids[row, :len(r)] = torch.tensor(r)
-    hidden = decoder(input_ids=ids.to(device), past_key_values=cache).last_hidden_state
-    last = hidden[torch.arange(len(rests), device=device), lengths - 1].float()
+    last, _ = last_hidden(llm, rests, device, cache)
     logits = last @ base.get_output_embeddings().weight[answers].float().T  # [candidates, (Yes, No)], fp32
     return logits.softmax(-1)[:, 0].cpu()
 
