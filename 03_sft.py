@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (LoRALLM, PromptBuilder, UserError, add_common_args, all_reduce_sum, check_made_from,
-                    check_positive, collate_prompts, compile_blocks, file_fingerprint, length_batches, llm_fingerprint,
-                    load_checkpoint, load_dataset, load_llm, pick_device, preference_kl, require, run_main,
+                    check_positive, compile_blocks, file_fingerprint, llm_fingerprint,
+                    load_checkpoint, load_dataset, load_llm, pack_prompts, pick_device, preference_kl, require, run_main,
                     run_settings, save_atomic, save_checkpoint, seed_everything, setup_distributed, split_user,
-                    stage_dir)
+                    stage_dir, token_batches)
 
 
 def kmeans(x, k, iters, seed):
@@ -111,8 +111,8 @@ def sft_loss(log_pred, target):
     return preference_kl(log_pred, target)
 
 
-def length_grouped(prompts, max_tokens, shuffle, generator=None):
-    return length_batches([len(ids) for ids, _ in prompts], max_tokens, shuffle, generator)
+def prompt_batches(prompts, max_tokens, shuffle, generator=None):
+    return token_batches([len(ids) for ids, _ in prompts], max_tokens, shuffle, generator)
 
 
 def run_epoch(model, prompts, targets, batches, device, opt=None, desc="", rank=0, world=1):
@@ -129,15 +129,15 @@ def run_epoch(model, prompts, targets, batches, device, opt=None, desc="", rank=
             # sample weighted 0, as DDP needs every process in every gradient exchange.
             weight = len(shard) * world / len(batch)
             shard = shard or batch[:1]
-            ids, slots, last = collate_prompts([prompts[i] for i in shard], device)
-            loss = sft_loss(model(ids, slots, last), targets[shard].to(device, non_blocking=True)) * weight
+            packed = pack_prompts([prompts[i] for i in shard], device)
+            loss = sft_loss(model(packed), targets[shard].to(device, non_blocking=True)) * weight
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
                 opt.step()
             totals[0] += loss.detach() * len(batch) / world
-            totals[1] += ids.numel()
+            totals[1] += packed.ids.numel()
     loss_sum, tokens = all_reduce_sum(totals, world).tolist()  # waits for the GPU, once per epoch
     return loss_sum / sum(len(b) for b in batches), time.time() - start, int(tokens)
 
@@ -160,8 +160,7 @@ def largest_fitting_budget(model, prompts, targets, max_tokens, device):
         batch = longest[:max(1, max_tokens // len(prompts[longest[0]][0]))]
         try:
             model.train()
-            ids, slots, last = collate_prompts([prompts[i] for i in batch], device)
-            sft_loss(model(ids, slots, last), targets[batch].to(device)).backward()
+            sft_loss(model(pack_prompts([prompts[i] for i in batch], device)), targets[batch].to(device)).backward()
             model.zero_grad(set_to_none=True)
             return max_tokens
         except torch.OutOfMemoryError:
@@ -197,7 +196,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=3, help="passes over all users")
     parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
     parser.add_argument("--max-tokens", type=int, default=None,
-                        help="tokens per batch (padded; batches group prompts of similar length); default 4096 on CPU, "
+                        help="tokens per batch (prompts packed end to end, no padding); default 4096 on CPU, "
                              "32768 on GPU, lowered automatically when the GPU memory is short")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the LLM's blocks (GPU): ~2x faster epochs after a 1-2 min compile, "
@@ -258,7 +257,7 @@ def main():
     max_tokens = fit_max_tokens(model, *train_set, args.max_tokens, device, world)
     batch_tokens = max_tokens * world  # every process gets a share of each batch: --max-tokens is per process
     gen = torch.Generator().manual_seed(args.seed)  # the same on every process, so all cut the same batches
-    val_batches = length_grouped(val_set[0], batch_tokens, shuffle=False)
+    val_batches = prompt_batches(val_set[0], batch_tokens, shuffle=False)
     trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     shards = {"rank": rank, "world": world}
 
@@ -276,7 +275,7 @@ def main():
     print(f"{args.level}-level SFT: {len(train_set[0])} training samples from {len(train_users)} users, "
           f"{len(val_users)} validation users, {args.llm} on {device}, {loss_name} before training {history[0][loss_name]:.4f}")
     for epoch in range(len(history), args.epochs + 1):
-        batches = length_grouped(train_set[0], batch_tokens, shuffle=True, generator=gen)
+        batches = prompt_batches(train_set[0], batch_tokens, shuffle=True, generator=gen)
         train_loss, seconds, tokens = run_epoch(trained, *train_set, batches, device, opt, f"epoch {epoch}", **shards)
         val_loss = run_epoch(model, *val_set, val_batches, device, desc="val", **shards)[0]
         history.append({"epoch": epoch, "train_loss": train_loss, loss_name: val_loss, "train_s": seconds,

@@ -15,9 +15,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (PromptBuilder, add_common_args, all_reduce_sum, check_made_from, check_positive, collate_prompts,
-                    file_fingerprint, length_batches, load_dataset, load_tuned_llm, pick_device, require, run_main,
-                    save_atomic, setup_distributed, stage_dir)
+from common import (PromptBuilder, add_common_args, all_reduce_sum, check_made_from, check_positive,
+                    file_fingerprint, load_dataset, load_tuned_llm, pack_prompts, pick_device, require, run_main,
+                    save_atomic, setup_distributed, stage_dir, token_batches)
 
 
 @torch.no_grad()
@@ -27,9 +27,9 @@ def embed_items(model, builder, num_items, max_tokens, device, rank=0, world=1):
     items = list(range(1 + rank, num_items + 1, world))
     prompts = [builder([item]) for item in items]
     item_emb = torch.zeros(num_items + 1, model.head.in_features, device=device)
-    for batch in tqdm(length_batches([len(p[0]) for p in prompts], max_tokens, shuffle=False), desc="items", leave=False):
-        ids, slots, last = collate_prompts([prompts[i] for i in batch], device)
-        item_emb[torch.tensor([items[i] for i in batch], device=device)] = model.hidden(ids, slots, last).float()
+    for batch in tqdm(token_batches([len(p[0]) for p in prompts], max_tokens, shuffle=False), desc="items", leave=False):
+        rows = torch.tensor([items[i] for i in batch], device=device)
+        item_emb[rows] = model.hidden(pack_prompts([prompts[i] for i in batch], device)).float()
     return all_reduce_sum(item_emb, world).cpu()  # one copy at the end: no wait for the GPU inside the loop
 
 

@@ -103,7 +103,7 @@ def bench_level(level, data, tokenizer, args, device, prior):
         compile_blocks(model.llm)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
     max_tokens = sft.fit_max_tokens(model, train_prompts, train_targets, args.max_tokens, device)
-    batches = sft.length_grouped(train_prompts, max_tokens, shuffle=True, generator=torch.Generator().manual_seed(0))
+    batches = sft.prompt_batches(train_prompts, max_tokens, shuffle=True, generator=torch.Generator().manual_seed(0))
     # Warm-up outside the clock: CUDA context, kernels and cuBLAS plans; with --compile a whole epoch,
     # which holds the compile and every recompile.
     warmup = batches if args.compile else sorted(batches, key=len)[:: max(1, len(batches) // 3)][:3]
@@ -113,7 +113,7 @@ def bench_level(level, data, tokenizer, args, device, prior):
     if level == "user":
         infer = lambda: embed.embed_items(model, builder, data["num_items"], max_tokens, device)  # noqa: E731
     else:
-        infer_batches = sft.length_grouped(infer_prompts, max_tokens, shuffle=False)
+        infer_batches = sft.prompt_batches(infer_prompts, max_tokens, shuffle=False)
         infer = lambda: sft.run_epoch(model, infer_prompts, infer_targets, infer_batches, device)  # noqa: E731
     if args.compile:
         infer()  # the blocks compile once more for inference (no gradients, eval mode): not timed
@@ -215,7 +215,7 @@ def main():
             print(f"{r['level']}-level warm-up ({what}, not timed): {r['warmup_s']:.1f} s")
     result = {"title": title, "args": vars(args), "device": device_name, "rows": rows, "ratios": ratios(rows)}
     for phase, r in result["ratios"].items():
-        print(f"{phase}: instance-level / user-level time {r['time_ratio']:.1f}x, tokens {r['token_ratio']:.1f}x")
+        print(f"{phase}: instance-level / user-level time {r['time_ratio']:.2f}x, tokens {r['token_ratio']:.2f}x")
     out = stage_dir(args)
     save_atomic(result, os.path.join(out, "bench_sft.json"))
     if save_chart(rows, os.path.join(out, "bench_sft.png"), title):

@@ -12,6 +12,7 @@ References
 import copy
 import hashlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -20,11 +21,13 @@ import sys
 import time
 import warnings
 from collections import Counter
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.varlen import varlen_attn
 from tqdm import tqdm
 
 DATASETS = ("beauty", "ml-100k")
@@ -675,16 +678,19 @@ class PromptBuilder:
         return ids + self.suffix, slots + [0] * len(self.suffix)
 
 
-def length_batches(lengths, max_tokens, shuffle, generator=None):
-    """Group samples of similar length so that padding costs little; each batch holds at most
-    `max_tokens` tokens (padded). Batch order is shuffled for training."""
+def token_batches(lengths, max_tokens, shuffle, generator=None):
+    """Cut samples, in order of length, into batches of at most `max_tokens` tokens (a longer sample goes
+    alone); batch order is shuffled for training. Prompts are packed without padding (`pack_prompts`), yet
+    similar lengths still help: attention kernels size their work by a batch's longest prompt (and the CPU
+    path pads to it)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches, batch = [], []
+    batches, batch, tokens = [], [], 0
     for i in order:
-        if batch and (len(batch) + 1) * lengths[i] > max_tokens:
+        if batch and tokens + lengths[i] > max_tokens:
             batches.append(batch)
-            batch = []
+            batch, tokens = [], 0
         batch.append(i)
+        tokens += lengths[i]
     if batch:
         batches.append(batch)
     if shuffle:
@@ -693,21 +699,55 @@ def length_batches(lengths, max_tokens, shuffle, generator=None):
     return batches
 
 
-def collate_prompts(prompts, device):
-    """Right-pad (ids, slots) pairs. No attention mask is needed: with causal attention a real token never
-    sees the padding that follows it, and we read each sample at its own last real position.
-    On the GPU the copy is asynchronous (pinned memory), so building the next batch on the CPU overlaps
-    the current step instead of waiting for it."""
-    L = max(len(ids) for ids, _ in prompts)
-    ids = torch.zeros(len(prompts), L, dtype=torch.long)
-    slots = torch.zeros(len(prompts), L, dtype=torch.long)
-    for row, (p_ids, p_slots) in enumerate(prompts):
-        ids[row, :len(p_ids)] = torch.tensor(p_ids)
-        slots[row, :len(p_slots)] = torch.tensor(p_slots)
-    last = torch.tensor([len(p) - 1 for p, _ in prompts])
-    if device.type != "cuda":
-        return ids, slots, last
-    return tuple(t.pin_memory().to(device, non_blocking=True) for t in (ids, slots, last))
+class PackedPrompts(NamedTuple):
+    """Prompts laid end to end in one row of `ids` and `slots` [1, tokens]; `positions` restart at 0 for
+    each prompt and `bounds` [prompts + 1] holds where each starts (and the total), `longest` its length."""
+    ids: torch.Tensor
+    slots: torch.Tensor
+    positions: torch.Tensor
+    bounds: torch.Tensor
+    longest: int
+
+
+def pack_prompts(prompts, device):
+    """Pack (ids, slots) pairs into one row: no token is padding, so no FLOP is spent on it; `packed_attention`
+    keeps each prompt to itself. On the GPU the copy is asynchronous (pinned memory), so building the next
+    batch on the CPU overlaps the current step instead of waiting for it."""
+    lengths = [len(ids) for ids, _ in prompts]
+    ids = torch.tensor([t for p_ids, _ in prompts for t in p_ids]).unsqueeze(0)
+    slots = torch.tensor([s for _, p_slots in prompts for s in p_slots]).unsqueeze(0)
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    bounds = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    tensors = (ids, slots, positions, bounds)
+    if device.type == "cuda":
+        tensors = (t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return PackedPrompts(*tensors, longest=max(lengths))
+
+
+# PyTorch 2.13 asks for enable_gqa=True when keys and values have fewer heads than queries; 2.11 took them as they were.
+VARLEN_HAS_GQA_FLAG = "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, bounds=None, longest=None,
+                     **kwargs):
+    """Causal attention over prompts packed in one row (`pack_prompts`), each prompt seeing only itself;
+    registered with transformers as attn_implementation "packed" (LoRALLM uses it). query/key/value come as
+    [1, heads, tokens, head_dim]. On the GPU, PyTorch's variable-length flash attention runs every prompt in
+    one kernel; elsewhere the prompts are spread over a padded batch for ordinary causal SDPA."""
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, head_dim]
+    gqa = q.shape[1] != k.shape[1]  # grouped-query attention: fewer key/value heads than query heads
+    if q.is_cuda:
+        flag = {"enable_gqa": gqa} if VARLEN_HAS_GQA_FLAG else {}
+        out = varlen_attn(q, k, v, bounds, bounds, longest, longest, scale=scaling, window_size=(-1, 0), **flag)
+    else:
+        lengths = bounds.diff().long()
+        prompt = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        position = torch.arange(len(prompt)) - bounds[prompt]
+        padded = [t.new_zeros(len(lengths), longest, *t.shape[1:]).index_put((prompt, position), t).transpose(1, 2)
+                  for t in (q, k, v)]  # [prompts, heads, longest, head_dim]
+        out = F.scaled_dot_product_attention(*padded, is_causal=True, scale=scaling, enable_gqa=gqa)
+        out = out.transpose(1, 2)[prompt, position]  # back to [tokens, heads, head_dim]
+    return out.unsqueeze(0), None
 
 
 class LoRALLM(nn.Module):
@@ -719,6 +759,9 @@ class LoRALLM(nn.Module):
                  target_modules=("q_proj", "v_proj"), teacher_item_emb=None, adapter_dir=None):
         super().__init__()
         from peft import LoraConfig, PeftModel, get_peft_model
+        from transformers import AttentionInterface
+        AttentionInterface.register("packed", packed_attention)
+        base.set_attn_implementation("packed")  # batches come packed (pack_prompts), with no padding
         if adapter_dir is None:
             config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                 target_modules=list(target_modules))
@@ -748,14 +791,15 @@ class LoRALLM(nn.Module):
         item_embeds = self.item_proj(self.teacher_emb[slots]).to(embeds.dtype)
         return torch.where((slots > 0)[..., None], item_embeds, embeds)
 
-    def hidden(self, ids, slots, last):
-        """Final hidden state at each sample's last real token: [B, hidden_size]."""
-        out = self.llm(inputs_embeds=self.input_embeddings(ids, slots), use_cache=False)
-        return out.last_hidden_state[torch.arange(len(last), device=last.device), last]
+    def hidden(self, batch):
+        """Final hidden state at each prompt's last token: [prompts, hidden_size]. `batch`: pack_prompts' output."""
+        out = self.llm(inputs_embeds=self.input_embeddings(batch.ids, batch.slots), position_ids=batch.positions,
+                       bounds=batch.bounds, longest=batch.longest, use_cache=False)  # the last two go to packed_attention
+        return out.last_hidden_state[0, batch.bounds[1:] - 1]
 
-    def forward(self, ids, slots, last):
-        """Log-probabilities over the head's classes: [B, num_outputs]."""
-        return F.log_softmax(self.head(self.hidden(ids, slots, last).float()), dim=-1)
+    def forward(self, batch):
+        """Log-probabilities over the head's classes: [prompts, num_outputs]."""
+        return F.log_softmax(self.head(self.hidden(batch).float()), dim=-1)
 
     def trainable_state(self):
         """The non-LoRA trainable parts (head, item projection); the adapter is saved with save_pretrained."""

@@ -2,8 +2,10 @@ import math
 
 import torch
 
-from common import (SASRec, eval_split, left_pad, length_batches, preference_kl, rank_metrics, split_user,
-                    train_tensors, trim_padding)
+import pytest
+
+from common import (LoRALLM, PromptBuilder, SASRec, eval_split, left_pad, load_llm, pack_prompts, preference_kl,
+                    rank_metrics, split_user, token_batches, train_tensors, trim_padding)
 
 
 def test_rank_metrics_hand_computed():
@@ -41,11 +43,31 @@ def test_split_and_padding():
     assert test_in.tolist() == [[1, 2, 3, 4]] and test_tgt.tolist() == [5] and history.tolist() == [[1, 2, 3, 4]]
 
 
-def test_length_batches_cover_all_and_respect_budget():
-    lengths = [5, 50, 7, 12, 49, 3, 30, 30]
-    batches = length_batches(lengths, max_tokens=60, shuffle=True, generator=torch.Generator().manual_seed(0))
+def test_token_batches_cover_all_and_respect_budget():
+    lengths = [5, 50, 7, 12, 49, 3, 30, 30, 70]
+    batches = token_batches(lengths, max_tokens=60, shuffle=True, generator=torch.Generator().manual_seed(0))
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    assert all(len(b) * max(lengths[i] for i in b) <= 60 or len(b) == 1 for b in batches)
+    assert all(sum(lengths[i] for i in b) <= 60 or len(b) == 1 for b in batches)
+    assert [b for b in batches if len(b) == 1 and lengths[b[0]] > 60] == [[8]]  # too long: alone
+    assert token_batches(lengths, max_tokens=60, shuffle=False) == [[5, 0, 2, 3, 6], [7], [4], [1], [8]]  # by length
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_prompts_match_each_prompt_alone(tmp_path, arch):
+    """Packing several prompts into one row changes nothing: each prompt's final hidden state is that of the
+    prompt run alone through the model's own SDPA attention (so no prompt sees another)."""
+    from conftest import make_tiny_llm
+    base, tokenizer = load_llm(make_tiny_llm(tmp_path, arch), torch.device("cpu"))
+    reference, _ = load_llm(str(tmp_path), torch.device("cpu"))  # untouched: attn_implementation "sdpa"
+    model = LoRALLM(base, num_outputs=3).eval()
+    builder = PromptBuilder(tokenizer, "text")
+    prompts = [builder([5, 17, 333]), builder([2]), builder([40, 41, 42, 43, 44])]
+    packed = pack_prompts(prompts, torch.device("cpu"))
+    assert packed.ids.shape == (1, sum(len(ids) for ids, _ in prompts)) and packed.longest == len(prompts[2][0])
+    hidden = model.hidden(packed)
+    with torch.no_grad():
+        alone = torch.cat([reference(torch.tensor([ids])).last_hidden_state[:, -1] for ids, _ in prompts])
+    assert torch.allclose(hidden, alone, atol=1e-5)
 
 
 def test_sasrec_is_causal_and_trimming_is_exact():
