@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.varlen import varlen_attn
 from tqdm import tqdm
 
 DATASETS = ("beauty", "ml-100k")
@@ -724,10 +723,6 @@ def pack_prompts(prompts, device):
     return PackedPrompts(*tensors, longest=max(lengths))
 
 
-# PyTorch 2.13 asks for enable_gqa=True when keys and values have fewer heads than queries; 2.11 took them as they were.
-VARLEN_HAS_GQA_FLAG = "enable_gqa" in inspect.signature(varlen_attn).parameters
-
-
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, bounds=None, longest=None,
                      **kwargs):
     """Causal attention over prompts packed in one row (`pack_prompts`), each prompt seeing only itself;
@@ -737,7 +732,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, head_dim]
     gqa = q.shape[1] != k.shape[1]  # grouped-query attention: fewer key/value heads than query heads
     if q.is_cuda:
-        flag = {"enable_gqa": gqa} if VARLEN_HAS_GQA_FLAG else {}
+        from torch.nn.attention.varlen import varlen_attn  # imported here: it loads TorchDynamo, a second per process
+        # PyTorch 2.13 asks for enable_gqa=True when keys and values have fewer heads than queries; 2.11 took them as they were.
+        flag = {"enable_gqa": gqa} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
         out = varlen_attn(q, k, v, bounds, bounds, longest, longest, scale=scaling, window_size=(-1, 0), **flag)
     else:
         lengths = bounds.diff().long()
