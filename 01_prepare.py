@@ -9,7 +9,7 @@ Writes out/<dataset>/dataset.json  item sequences (items re-indexed 1..N, 0 = pa
        out/<dataset>/stats.json    users, items, interactions, sequence lengths
 
 $ python 01_prepare.py --data beauty
-$ python 01_prepare.py --data-file ~/Sports_and_Outdoors.txt      # dataset name: sports_and_outdoors
+$ python 01_prepare.py --data-file ~/Sports_and_Outdoors.txt      # dataset name: Sports_and_Outdoors
 Every later stage splits each sequence the same way: last item = test, second last = validation.
 """
 import argparse
@@ -24,20 +24,23 @@ MIN_INTERACTIONS = 3  # one for training, one for validation, one for test
 
 
 def read_lines(path):
+    """The file's lines as people save them: a UTF-8 byte-order mark (Windows editors, spreadsheet exports) is
+    dropped, and LF, CRLF and CR line endings all end a line (splitlines)."""
     if not os.path.isfile(path):
         raise UserError(f"data file {path} not found: check the path, or use --data with one of {', '.join(DATASETS)}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return f.read().splitlines()
     except UnicodeDecodeError:
         raise UserError(f"{path} is not a text file: give an S3-Rec .txt or a RecBole .inter file")
 
 
-def parse_int(token, path, lineno, what):
-    try:
-        return int(token)
-    except ValueError:
-        raise UserError(f"{path}:{lineno}: {what} '{token}' is not an integer ID; fix or remove that line")
+def parse_id(token, path, lineno, what):
+    """A user or item ID: plain decimal digits only. int() would also take '-5', '+5' or '٣', and a float
+    parse '1e3' or '3.0': in an ID file each of these is a broken line, not a number."""
+    if not (token.isascii() and token.isdigit()):
+        raise UserError(f"{path}:{lineno}: {what} '{token}' is not a non-negative decimal ID; fix or remove that line")
+    return int(token)
 
 
 def read_s3rec(path):
@@ -47,10 +50,10 @@ def read_s3rec(path):
         tokens = line.split()
         if not tokens:
             continue
-        user = parse_int(tokens[0], path, lineno, "user")
+        user = parse_id(tokens[0], path, lineno, "user")
         if user in sequences:
             raise UserError(f"{path}:{lineno}: user {user} appears on two lines; S3-Rec files hold one line per user")
-        sequences[user] = [parse_int(t, path, lineno, "item") for t in tokens[1:]]
+        sequences[user] = [parse_id(t, path, lineno, "item") for t in tokens[1:]]
     return sequences
 
 
@@ -60,7 +63,7 @@ def read_recbole(path):
     lines = read_lines(path)
     if not lines:
         raise UserError(f"{path} is empty")
-    header = [h.split(":")[0] for h in lines[0].split("\t")]
+    header = [h.split(":")[0] for h in lines[0].split()]
     missing = [c for c in ("user_id", "item_id", "timestamp") if c not in header]
     if missing:
         raise UserError(f"{path}: header lacks {', '.join(missing)}; a RecBole .inter needs user_id, item_id and timestamp columns")
@@ -69,7 +72,7 @@ def read_recbole(path):
     for lineno, line in enumerate(lines[1:], 2):
         if not line.strip():
             continue
-        cols = line.split("\t")
+        cols = line.split()  # tabs, as RecBole writes them, or any run of whitespace: no .inter value holds a space
         if len(cols) != len(header):
             raise UserError(f"{path}:{lineno}: {len(cols)} columns where the header has {len(header)}; fix or remove that line")
         if cols[0].split(":")[0] == header[0]:
@@ -78,8 +81,8 @@ def read_recbole(path):
             ts = float(cols[t])
         except ValueError:
             raise UserError(f"{path}:{lineno}: timestamp '{cols[t]}' is not a number; fix or remove that line")
-        user = parse_int(cols[u], path, lineno, "user")
-        events.setdefault(user, []).append((ts, parse_int(cols[i], path, lineno, "item")))
+        user = parse_id(cols[u], path, lineno, "user")
+        events.setdefault(user, []).append((ts, parse_id(cols[i], path, lineno, "item")))
     return {user: [item for _, item in sorted(ev, key=lambda e: e[0])] for user, ev in events.items()}
 
 
@@ -110,6 +113,12 @@ def read_item_attributes(txt_path):
         return {}, {}
     with open(path) as f:
         return {}, {int(k): [str(a) for a in v] for k, v in json.load(f).items()}
+
+
+def dataset_name(path):
+    """The name later stages take with --data: the file's name without its extension, exactly as given
+    (Sports_and_Outdoors.txt -> Sports_and_Outdoors)."""
+    return os.path.splitext(os.path.basename(path))[0]
 
 
 def check_lengths(sequences, path, drop_short):
@@ -155,7 +164,7 @@ def main():
 
     if args.data_file:
         path = args.data_file
-        args.data = args.data or os.path.basename(path).rsplit(".", 1)[0].lower()
+        args.data = args.data or dataset_name(path)
     elif (args.data or "ml-100k") in BUNDLED:
         args.data = args.data or "ml-100k"
         path = BUNDLED[args.data]

@@ -231,9 +231,21 @@ def check_positive(args, *names):
 
 # ----------------------------------------------------------------------------- data
 
+def prepared_datasets(out):
+    """Names of the datasets 01_prepare.py has written under `out`."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(d for d in os.listdir(out) if os.path.exists(os.path.join(out, d, "dataset.json")))
+
+
 def load_dataset(args):
     """Read 01_prepare.py's output: item sequences re-indexed to 1..num_items (0 = padding)."""
-    path = require(os.path.join(stage_dir(args), "dataset.json"), f"python 01_prepare.py --data {args.data}")
+    path = os.path.join(stage_dir(args), "dataset.json")
+    if not os.path.exists(path):
+        prepared = ", ".join(prepared_datasets(args.out)) or "none yet"
+        fix = (f"python 01_prepare.py --data {args.data}" if args.data in DATASETS
+               else "python 01_prepare.py --data-file PATH (the dataset takes the file's name, e.g. My_Shop.txt -> --data My_Shop)")
+        raise UserError(f"dataset '{args.data}' is not prepared in {args.out}/ (prepared: {prepared}): run {fix} first")
     with open(path) as f:
         data = json.load(f)
     data["fingerprint"] = file_fingerprint(path)

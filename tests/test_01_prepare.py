@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from conftest import NUM_USERS, run_stage
 
 
@@ -41,10 +43,49 @@ def test_bad_inputs_give_one_line_and_write_nothing(tmp_path):
     short.write_text("1 2 3 4\n2 5\n")
     cases = [(["--data", "nope"], "unknown dataset"),
              (["--data-file", tmp_path / "missing.txt"], "not found"),
-             (["--data-file", bad], "not an integer"),
+             (["--data-file", bad], "bad.txt:2: item 'x' is not a non-negative decimal ID"),
              (["--data-file", short], "--drop-short")]
     for args, message in cases:
         proc = run_stage("01_prepare.py", *args, "--out", tmp_path / "out", check=False)
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.json"))
+
+
+PLAIN_S3REC = "1 5 6 7 8\n2 6 7 9\n3 5 9 8 6\n"
+S3REC_AS_SAVED = {  # how editors and exports write the same file
+    "BOM and CRLF": "\ufeff" + PLAIN_S3REC.replace("\n", "\r\n"),
+    "CR line endings": PLAIN_S3REC.replace("\n", "\r"),
+    "tabs and several spaces": PLAIN_S3REC.replace(" ", "\t", 2).replace("6 7", "6    7"),
+    "trailing whitespace and blank lines": PLAIN_S3REC.replace("\n", " \t \n") + "\n  \n",
+}
+PLAIN_INTER = "user_id:token\titem_id:token\ttimestamp:float\n7\t500\t30\n7\t100\t10\n7\t300\t20\n"
+INTER_AS_SAVED = {
+    "BOM and CRLF": "\ufeff" + PLAIN_INTER.replace("\n", "\r\n"),
+    "trailing whitespace": PLAIN_INTER.replace("\n", "  \n"),
+}
+
+
+def prepare_as(tmp_path, folder, filename, content):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / filename).write_bytes(content.encode("utf-8"))
+    run_stage("01_prepare.py", "--data-file", tmp_path / folder / filename, "--out", tmp_path / folder / "out")
+    return (tmp_path / folder / "out" / filename.rsplit(".", 1)[0] / "dataset.json").read_text()
+
+
+@pytest.mark.parametrize("filename,plain,variant", [("Shop.txt", PLAIN_S3REC, v) for v in S3REC_AS_SAVED.values()] +
+                         [("Shop.inter", PLAIN_INTER, v) for v in INTER_AS_SAVED.values()],
+                         ids=[f"s3rec: {k}" for k in S3REC_AS_SAVED] + [f"recbole: {k}" for k in INTER_AS_SAVED])
+def test_files_as_people_save_them_give_the_plain_dataset(tmp_path, filename, plain, variant):
+    assert prepare_as(tmp_path, "variant", filename, variant) == prepare_as(tmp_path, "plain", filename, plain)
+
+
+def test_dataset_keeps_the_file_name_and_lists_prepared_ones(tmp_path):
+    (tmp_path / "My_Shop.txt").write_text(PLAIN_S3REC)
+    proc = run_stage("01_prepare.py", "--data-file", tmp_path / "My_Shop.txt", "--out", tmp_path / "out")
+    assert (tmp_path / "out" / "My_Shop" / "dataset.json").exists()
+    assert "next: python 02_teacher.py --data My_Shop" in proc.stdout
+    proc = run_stage("02_teacher.py", "--data", "my_shop", "--out", tmp_path / "out", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1
+    assert "dataset 'my_shop' is not prepared" in lines[0] and "(prepared: My_Shop)" in lines[0], lines

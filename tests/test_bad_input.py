@@ -7,8 +7,13 @@ import pytest
 from conftest import copy_artifacts, run_stage
 
 S3REC_CASES = {  # file content -> words the error must contain
-    "non-integer item": ("1 5 6 x7\n", "'x7' is not an integer ID"),
-    "non-integer user": ("u1 5 6 7\n", "'u1' is not an integer ID"),
+    "non-integer item": ("1 5 6 x7\n", "Bad.txt:1: item 'x7' is not a non-negative decimal ID"),
+    "non-integer user": ("u1 5 6 7\n", "Bad.txt:1: user 'u1' is not a non-negative decimal ID"),
+    "negative item": ("1 5 6 7\n2 5 -5 7\n", "Bad.txt:2: item '-5' is not a non-negative decimal ID"),
+    "exponent item": ("1 5 6 1e3\n", "Bad.txt:1: item '1e3' is not a non-negative decimal ID"),
+    "hexadecimal item": ("1 5 0x1F 7\n", "Bad.txt:1: item '0x1F' is not a non-negative decimal ID"),
+    "float item": ("1 3.0 6 7\n", "Bad.txt:1: item '3.0' is not a non-negative decimal ID"),
+    "signed user": ("+1 5 6 7\n", "Bad.txt:1: user '+1' is not a non-negative decimal ID"),
     "too few interactions": ("1 5 6 7\n2 5\n", "fewer than 3 interactions"),
     "user on two lines": ("1 5 6 7\n1 8 9 10\n", "appears on two lines"),
     "empty file": ("\n\n", "holds no interactions"),
@@ -19,6 +24,7 @@ RECBOLE_CASES = {
     "wrong column count": (RECBOLE_HEADER + "1\t2\t3\n1\t3\n", "2 columns where the header has 3"),
     "second header": (RECBOLE_HEADER + "1\t2\t3\n" + RECBOLE_HEADER, "a second header line"),
     "timestamp not a number": (RECBOLE_HEADER + "1\t2\tnoon\n", "'noon' is not a number"),
+    "negative item": (RECBOLE_HEADER + "1\t2\t3\n1\t-5\t4\n", "bad.inter:3: item '-5' is not a non-negative decimal ID"),
     "empty .inter": ("", "is empty"),
 }
 
