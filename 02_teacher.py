@@ -13,8 +13,9 @@ Interrupted (Ctrl-C, kill -9)? Run the same command again: it resumes from out/<
 import argparse
 import os
 
-from common import (SASRec, UserError, add_common_args, add_train_args, check_positive, format_metrics, load_dataset,
-                    pick_device, run_main, run_settings, save_atomic, seed_everything, stage_dir, train_recommender)
+from common import (ItemEmbedding, SASRec, UserError, add_common_args, add_train_args, check_positive, format_metrics,
+                    load_dataset, pick_device, run_main, run_settings, save_atomic, seed_everything, stage_dir,
+                    train_recommender)
 
 
 def main():
@@ -31,11 +32,12 @@ def main():
     data = load_dataset(args)
     device = pick_device(args.device)
     seed_everything(args.seed)  # the initial weights too, so the same seed gives the same teacher
-    model = SASRec(data["num_items"], args.dim, args.blocks, args.heads, args.maxlen, args.dropout)
+    model = SASRec(ItemEmbedding(data["num_items"], args.dim), args.maxlen, args.blocks, args.heads, args.dropout)
     out = stage_dir(args)
     checkpoint = os.path.join(out, "teacher.ckpt.pt")  # a killed run resumes from here
-    result = train_recommender(model, data["sequences"], args, device, desc="teacher", checkpoint=checkpoint,
-                               settings=run_settings(args, dataset_fingerprint=data["fingerprint"]))
+    result, = train_recommender([model], [args.seed], data["sequences"], args, device, desc="teacher",
+                                checkpoint=checkpoint, settings=run_settings(args, dataset_fingerprint=data["fingerprint"]))
+    result.pop("test_ranks")
 
     meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"]}
     save_atomic({"state": model.state_dict(), "item_emb": model.item_table().detach().cpu(), "args": vars(args),

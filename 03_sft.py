@@ -4,35 +4,100 @@ Stage 3: latent categories from the teacher, then P2Rec's user-level SFT of a Lo
 Reads  out/<dataset>/dataset.json, out/<dataset>/teacher.pt            (01_prepare.py, 02_teacher.py)
 Writes out/<dataset>/categories.pt   k-means category of every item, each user's prior preference
        out/<dataset>/sft_adapter/    the LoRA adapter (PEFT save_pretrained: PeftModel.from_pretrained loads it)
-       out/<dataset>/sft_head.pt     category head, item-token projection, settings
-       out/<dataset>/sft_metrics.json  validation KL per epoch, LLM time and tokens per epoch, category check
+       out/<dataset>/sft_head.pt     category head, item tokens, settings
+       out/<dataset>/sft_metrics.json  validation KL per epoch beside two reference predictors, LLM time, category check
 
 $ python 03_sft.py --data beauty
-$ python 03_sft.py --data ml-100k --max-items 20 --epochs 1   # the quick CPU demo (README)
+$ torchrun --standalone --nproc_per_node 2 03_sft.py --data beauty    # several GPUs: each takes part of every batch
 
-1. k-means (k-means++ init) on the teacher's item embeddings gives every item a latent category.
-2. A user's prior preference distribution is the normalised count of their training items per category.
-3. ONE sample per user (user-level SFT, not one per prefix): the LLM reads the user's item IDs and a small
+1. Latent categories: k-means (k-means++ init) on the teacher's item embeddings gives every item a category.
+2. Prior preferences: a user's distribution is the normalised count of their training items per category.
+3. Samples: ONE per user (user-level SFT, not one per prefix): the LLM reads the user's item IDs and a small
    head on the last token's hidden state predicts the distribution; loss = KL(prior || predicted).
+   The same forward pass also scores every prefix of the prompt: at each item's last token the head predicts the
+   distribution of the items so far (--prefix-weight), so the LLM must parse the latent category of each item.
    --level instance runs the E4SRec-style baseline instead (one sample per train position, next-item
    cross-entropy over all items through an item head), same prompts and LoRA, for bench_sft.py.
+4. Training: AdamW with warm-up and cosine decay; the epoch with the lowest validation KL is kept (early stop).
+5. Saving: the adapter, head and item tokens of that epoch, the categories, and the KL curve.
 Interrupted? Run the same command again: it resumes from out/<dataset>/sft.ckpt.pt after the last whole epoch.
 """
 import argparse
+import math
 import os
 import shutil
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (LoRALLM, PromptBuilder, UserError, add_common_args, all_reduce_sum, check_made_from,
-                    check_positive, compile_blocks, file_fingerprint, llm_fingerprint,
-                    load_checkpoint, load_dataset, load_llm, pack_prompts, pick_device, preference_kl, require, run_main,
-                    run_settings, save_atomic, save_checkpoint, seed_everything, setup_distributed, split_user,
-                    stage_dir, token_batches)
+from common import (ITEM_REPRS, LoRALLM, PromptBuilder, UserError, add_common_args, all_reduce_sum, check_made_from,
+                    check_positive, compile_blocks, file_fingerprint, llm_fingerprint, load_checkpoint, load_dataset,
+                    load_llm, pack_prompts, pick_device, preference_kl, require, run_main, run_settings, save_atomic,
+                    save_checkpoint, seed_everything, setup_distributed, split_user, stage_dir, token_batches)
 
+
+def add_sft_args(parser):
+    """The SFT options, one per line; bench_sft.py takes the same ones, so it times the settings that train."""
+    # latent categories
+    parser.add_argument("--k", type=int, default=32, help="latent categories (k-means clusters)")
+    parser.add_argument("--kmeans-iters", type=int, default=100, help="most k-means iterations")
+    # samples and prompts
+    parser.add_argument("--item-repr", choices=ITEM_REPRS, default="text",
+                        help="how an item ID enters the LLM: text (digits), code (fixed-width digits), item-token (one new "
+                             "token per item, learned from scratch) or teacher-token (projected teacher embedding)")
+    parser.add_argument("--max-items", type=int, default=50, help="most recent training items in a user's prompt")
+    parser.add_argument("--prefix-weight", type=float, default=1.0,
+                        help="weight of the per-prefix KL at each item's last token (0: the user-level KL alone)")
+    # training
+    parser.add_argument("--epochs", type=int, default=8, help="most passes over all users (the cosine decay ends here)")
+    parser.add_argument("--patience", type=int, default=2, help="stop after this many epochs without a lower validation KL")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
+    parser.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                        help="cosine: linear warm-up over the first 3%% of steps, then cosine decay to 0 at --epochs")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="tokens per batch (prompts packed end to end, no padding); default 4096 on CPU, 8192 on "
+                             "GPU, lowered automatically when the GPU memory is short")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the LLM's blocks (GPU): faster epochs after a 1-2 min compile")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="activation checkpointing: recompute each block in the backward pass (7B-class LLMs)")
+    # LoRA
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
+    parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (0: it costs a copy of every adapted input)")
+    parser.add_argument("--lora-targets", default="all-linear",
+                        help="all-linear (attention and MLP: the LLM must memorise every item's category) or "
+                             "comma-separated module names, such as q_proj,v_proj")
+
+
+def check_sft_args(args):
+    check_positive(args, "k", "kmeans_iters", "max_items", "epochs", "patience", "lr", "lora_r")
+    if args.max_tokens is not None:
+        check_positive(args, "max_tokens")
+    if args.prefix_weight < 0:
+        raise UserError(f"--prefix-weight must be 0 or more, got {args.prefix_weight}")
+    if args.lora_targets != "all-linear":
+        args.lora_targets = args.lora_targets.split(",")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, llm=True)
+    add_sft_args(parser)
+    parser.add_argument("--level", choices=("user", "instance"), default="user",
+                        help="user: P2Rec, one sample per user; instance: the E4SRec-style baseline, one per train position")
+    parser.add_argument("--val-frac", type=float, default=0.05, help="users held out to measure validation KL")
+    args = parser.parse_args()
+    check_sft_args(args)
+    if not 0 < args.val_frac < 1:
+        raise UserError(f"--val-frac must lie between 0 and 1, got {args.val_frac}")
+    return args
+
+
+# ----------------------------------------------------------------------------- 1-2. latent categories, priors
 
 def kmeans(x, k, iters, seed):
     """Plain k-means with k-means++ initialisation; returns each row's cluster in 0..k-1."""
@@ -55,6 +120,14 @@ def kmeans(x, k, iters, seed):
     return assign
 
 
+def latent_categories(teacher_emb, k, iters, seed):
+    """Category 0..k-1 of every item (-1 for padding). Rows are L2-normalised: SASRec scores by dot product,
+    so a popular item's long vector would otherwise pull it away from items of the same kind."""
+    item_categories = torch.full((len(teacher_emb),), -1, dtype=torch.long)
+    item_categories[1:] = kmeans(F.normalize(teacher_emb[1:].float(), dim=1), k, iters, seed)
+    return item_categories
+
+
 def prior_preferences(sequences, item_categories, k):
     """Normalised count of each user's training items per latent category: [users, k]."""
     prior = torch.zeros(len(sequences), k)
@@ -62,6 +135,16 @@ def prior_preferences(sequences, item_categories, k):
         train = torch.tensor(split_user(seq)[0])
         prior[user] = torch.bincount(item_categories[train], minlength=k).float()
     return prior / prior.sum(1, keepdim=True)
+
+
+def reference_kls(prior, train_users, val_users):
+    """What the SFT must beat: the validation KL of predicting the uniform distribution for everybody, and of
+    predicting the training users' mean prior for everybody (the best guess that ignores which items a user has)."""
+    val = prior[val_users]
+    uniform = torch.full_like(val, 1 / val.shape[1])
+    mean_prior = prior[train_users].mean(0, keepdim=True).expand_as(val)
+    return {"uniform_kl": preference_kl(uniform.log(), val).item(),
+            "mean_prior_kl": preference_kl(mean_prior.clamp(min=1e-12).log(), val).item()}
 
 
 def category_check(item_groups, item_categories, pairs=200_000, seed=0):
@@ -87,9 +170,28 @@ def category_check(item_groups, item_categories, pairs=200_000, seed=0):
     return table
 
 
-def user_level_samples(sequences, users, builder, max_items, prior):
+# ----------------------------------------------------------------------------- 3. samples
+
+class Samples(NamedTuple):
+    """Prompts and their targets: prior distributions [n, k] (user level) or next items [n] (instance level);
+    at user level also, per prompt, the distribution of every prefix of its items ([items in prompt, k])."""
+    prompts: list
+    targets: torch.Tensor
+    prefix_targets: list = None
+
+
+def prefix_distributions(categories, k):
+    """Row j: the normalised category counts of items 0..j. [len(categories), k]"""
+    counts = F.one_hot(torch.tensor(categories), k).float().cumsum(0)
+    return counts / counts.sum(1, keepdim=True)
+
+
+def user_level_samples(sequences, users, builder, max_items, prior, item_categories):
     """P2Rec: ONE sample per user, its recent training items -> its prior preference distribution."""
-    return [builder(split_user(sequences[u])[0][-max_items:]) for u in users], prior[users]
+    recent = [split_user(sequences[u])[0][-max_items:] for u in users]
+    k = prior.shape[1]
+    return Samples([builder(items) for items in recent], prior[users],
+                   [prefix_distributions(item_categories[items].tolist(), k) for items in recent])
 
 
 def instance_level_samples(sequences, users, builder, max_items, last_only=False):
@@ -101,74 +203,188 @@ def instance_level_samples(sequences, users, builder, max_items, last_only=False
         for t in range(len(train) - 1 if last_only else 1, len(train)):
             prompts.append(builder(train[max(0, t - max_items):t]))
             targets.append(train[t])
-    return prompts, torch.tensor(targets)
+    return Samples(prompts, torch.tensor(targets))
 
 
-def sft_loss(log_pred, target):
-    """User level: KL(prior || predicted) over the categories; instance level: next-item cross-entropy."""
-    if target.dtype == torch.long:
-        return F.nll_loss(log_pred, target)
-    return preference_kl(log_pred, target)
+def split_users(num_users, val_frac, seed):
+    users = torch.randperm(num_users, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, int(num_users * val_frac))
+    return users[n_val:], users[:n_val]
 
 
-def prompt_batches(prompts, max_tokens, shuffle, generator=None):
-    return token_batches([len(ids) for ids, _ in prompts], max_tokens, shuffle, generator)
+# ----------------------------------------------------------------------------- 4. training
+
+def batch_loss(model, samples, shard, packed, device, prefix_weight, positions_in_batch):
+    """Summed loss of the shard's samples: KL(prior || predicted) per user plus prefix_weight times the summed
+    per-prefix KL (divided by the whole batch's prefix count over the number of users, so that the prefix term
+    weighs each position alike whatever the shard), or the next-item cross-entropy at instance level."""
+    targets = samples.targets[shard].to(device, non_blocking=True)
+    if samples.prefix_targets is None:
+        return F.nll_loss(model(packed), targets, reduction="sum")
+    if prefix_weight == 0:
+        return F.kl_div(model(packed), targets, reduction="sum")
+    starts = torch.tensor([0] + [len(samples.prompts[i].ids) for i in shard]).cumsum(0)  # on the CPU: no GPU wait
+    positions = torch.cat([start + torch.tensor(samples.prompts[i].item_ends) for start, i in zip(starts, shard)])
+    positions = positions.to(device, non_blocking=True)
+    prefix = torch.cat([samples.prefix_targets[i] for i in shard]).to(device, non_blocking=True)
+    last, at_items = model(packed, positions)
+    prefix_kl = F.kl_div(at_items, prefix, reduction="sum") * positions_in_batch[1] / positions_in_batch[0]
+    return F.kl_div(last, targets, reduction="sum") + prefix_weight * prefix_kl / positions_in_batch[1]
 
 
-def run_epoch(model, prompts, targets, batches, device, opt=None, desc="", rank=0, world=1):
-    """One pass over `batches` (lists of sample indices); trains when an optimiser is given.
+def run_epoch(model, samples, batches, device, opt=None, schedule=None, desc="", rank=0, world=1, prefix_weight=0.0):
+    """One pass over `batches` (lists of sample indices); trains when an optimiser is given. Returns
+    (mean user-level loss, seconds, tokens); only the user-level KL is reported, the quantity P2Rec reconstructs.
     Under torchrun each process takes every world-th sample of each batch and DDP averages the gradients,
     so the N processes together make exactly the step one process makes on the whole batch.
-    Returns (mean loss, seconds, tokens). Nothing in the loop waits for the GPU."""
+    Nothing in the loop waits for the GPU."""
     model.train(opt is not None)
-    totals, start = torch.zeros(2, device=device), time.time()  # summed loss, tokens
+    totals, start = torch.zeros(2, device=device), time.time()  # summed user-level loss, tokens
     with torch.set_grad_enabled(opt is not None):
         for batch in tqdm(batches, desc=desc, leave=False):
             shard = batch[rank::world]
             # A batch smaller than the world leaves some processes without samples: they step on one
             # sample weighted 0, as DDP needs every process in every gradient exchange.
-            weight = len(shard) * world / len(batch)
+            weight = world / len(batch) if shard else 0.0
             shard = shard or batch[:1]
-            packed = pack_prompts([prompts[i] for i in shard], device)
-            loss = sft_loss(model(packed), targets[shard].to(device, non_blocking=True)) * weight
+            packed = pack_prompts([samples.prompts[i] for i in shard], device)
+            counts = (len(batch), sum(len(samples.prompts[i].item_ends) for i in batch))  # users, prefixes
+            loss = batch_loss(model, samples, shard, packed, device, prefix_weight if opt else 0.0, counts) * weight
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
                 opt.step()
+                schedule.step()
             totals[0] += loss.detach() * len(batch) / world
             totals[1] += packed.ids.numel()
     loss_sum, tokens = all_reduce_sum(totals, world).tolist()  # waits for the GPU, once per epoch
     return loss_sum / sum(len(b) for b in batches), time.time() - start, int(tokens)
 
 
-def fit_max_tokens(model, prompts, targets, max_tokens, device, world=1):
+def prompt_batches(prompts, max_tokens, shuffle, generator=None):
+    return token_batches([len(p.ids) for p in prompts], max_tokens, shuffle, generator)
+
+
+def fit_max_tokens(model, samples, max_tokens, device, world=1):
     """On the GPU, shrink the batch budget until a training step on the longest prompts fits in the free
     memory (a 1.5B model does not fit 32k-token batches), instead of failing mid-epoch. Under torchrun all
     processes take the smallest budget any of them found."""
     if device.type != "cuda":
         return max_tokens
-    fitted = torch.tensor(largest_fitting_budget(model, prompts, targets, max_tokens, device), device=device)
+    fitted = torch.tensor(largest_fitting_budget(model, samples, max_tokens, device), device=device)
     if world > 1:
         torch.distributed.all_reduce(fitted, torch.distributed.ReduceOp.MIN)
     return int(fitted)
 
 
-def largest_fitting_budget(model, prompts, targets, max_tokens, device):
-    longest = sorted(range(len(prompts)), key=lambda i: len(prompts[i][0]))[::-1]
-    while max_tokens >= len(prompts[longest[0]][0]):
-        batch = longest[:max(1, max_tokens // len(prompts[longest[0]][0]))]
+def largest_fitting_budget(model, samples, max_tokens, device):
+    longest = sorted(range(len(samples.prompts)), key=lambda i: len(samples.prompts[i].ids))[::-1]
+    longest_tokens = len(samples.prompts[longest[0]].ids)
+    while max_tokens >= longest_tokens:
+        batch = longest[:max(1, max_tokens // longest_tokens)]
         try:
             model.train()
-            sft_loss(model(pack_prompts([prompts[i] for i in batch], device)), targets[batch].to(device)).backward()
+            counts = (len(batch), sum(len(samples.prompts[i].item_ends) for i in batch))
+            packed = pack_prompts([samples.prompts[i] for i in batch], device)
+            batch_loss(model, samples, batch, packed, device, 1.0, counts).backward()
             model.zero_grad(set_to_none=True)
             return max_tokens
         except torch.OutOfMemoryError:
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
             max_tokens //= 2
-    raise UserError(f"even one prompt of {len(prompts[longest[0]][0])} tokens does not fit on the GPU: lower --max-items")
+    raise UserError(f"even one prompt of {longest_tokens} tokens does not fit on the GPU: lower --max-items")
 
+
+def prepare_llm(model, args):
+    """Activation checkpointing and torch.compile, as asked (both off by default)."""
+    if args.checkpointing:
+        # Non-reentrant: the inputs are embeddings of frozen tables, which the reentrant variant would leave
+        # without gradients (and the LoRA weights with none).
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.compile:
+        compile_blocks(model.llm)
+
+
+def warmup_cosine(total_steps, kind):
+    """Learning-rate factor per step: linear warm-up over the first 3% of steps, then cosine decay to 0."""
+    warmup = max(1, int(0.03 * total_steps))
+    if kind == "constant":
+        return lambda step: min(1.0, (step + 1) / warmup)
+    return lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+
+
+def trainable_tensors(model):
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def train(model, train_set, val_set, args, device, shards, checkpoint, settings, refs):
+    """Epochs until --epochs or --patience epochs without a lower validation loss; the model ends holding the
+    best epoch's weights. Returns the history (epoch 0: before training)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, fused=device.type == "cuda")
+    world = shards["world"]
+    max_tokens = fit_max_tokens(model, train_set, args.max_tokens, device, world)
+    batch_tokens = max_tokens * world  # every process gets a share of each batch: --max-tokens is per process
+    gen = torch.Generator().manual_seed(args.seed)  # the same on every process, so all cut the same batches
+    steps_per_epoch = len(prompt_batches(train_set.prompts, batch_tokens, shuffle=False))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps_per_epoch * args.epochs, args.lr_schedule))
+    val_batches = prompt_batches(val_set.prompts, batch_tokens, shuffle=False)
+    trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    loss_name = "val_kl" if args.level == "user" else "val_ce"
+
+    def validate():
+        return run_epoch(model, val_set, val_batches, device, desc="val", **shards)[0]
+
+    resumed = load_checkpoint(checkpoint, settings, args.force, [gen])
+    if resumed:
+        model.load_state_dict(resumed["trainable"], strict=False)
+        opt.load_state_dict(resumed["optimizer"])
+        schedule.load_state_dict(resumed["schedule"])
+        history, best = resumed["history"], resumed["best"]
+    else:
+        val_loss = validate()
+        history = [{"epoch": 0, loss_name: val_loss, **gap_closed(val_loss, refs)}]
+        best = {"epoch": 0, "loss": val_loss, "weights": trainable_tensors(model)}
+    print_start(args, train_set, val_set, device, history[0], loss_name)
+    for epoch in range(len(history), args.epochs + 1):
+        if epoch - best["epoch"] > args.patience:
+            print(f"early stop: no lower {loss_name} for {args.patience} epochs")
+            break
+        batches = prompt_batches(train_set.prompts, batch_tokens, shuffle=True, generator=gen)
+        train_loss, seconds, tokens = run_epoch(trained, train_set, batches, device, opt, schedule, f"epoch {epoch}",
+                                                prefix_weight=args.prefix_weight, **shards)
+        val_loss = validate()
+        history.append({"epoch": epoch, "train_loss": train_loss, loss_name: val_loss, **gap_closed(val_loss, refs),
+                        "train_s": seconds, "tokens": tokens, "samples": len(train_set.prompts)})
+        if val_loss < best["loss"]:
+            best = {"epoch": epoch, "loss": val_loss, "weights": trainable_tensors(model)}
+        print(f"epoch {epoch}: train loss {train_loss:.4f}, {loss_name} {val_loss:.4f}{gap_text(history[-1], refs)}, "
+              f"LLM time {seconds:.1f} s, {tokens / seconds:.0f} tokens/s")
+        if shards["rank"] == 0:  # every process holds the same weights: one writes
+            save_checkpoint(checkpoint, settings, epoch, [gen], trainable=trainable_tensors(model),
+                            optimizer=opt.state_dict(), schedule=schedule.state_dict(), history=history, best=best)
+    model.load_state_dict(best["weights"], strict=False)
+    return history, best["epoch"]
+
+
+def gap_closed(val_kl, refs):
+    """Share of the way from the mean-prior predictor's KL down to 0 that the LLM has gone (user level)."""
+    return {} if refs is None else {"gap_closed": 1 - val_kl / refs["mean_prior_kl"]}
+
+
+def gap_text(entry, refs):
+    if refs is None:
+        return ""
+    return f" (uniform {refs['uniform_kl']:.4f}, mean prior {refs['mean_prior_kl']:.4f}: {100 * entry['gap_closed']:.0f}% of the gap closed)"
+
+
+def print_start(args, train_set, val_set, device, first, loss_name):
+    print(f"{args.level}-level SFT: {len(train_set.prompts)} training samples, {len(val_set.prompts)} validation "
+          f"samples, {args.llm} on {device}, items as {args.item_repr}, {loss_name} before training {first[loss_name]:.4f}")
+
+
+# ----------------------------------------------------------------------------- 5. saving
 
 def save_adapter(model, path):
     """save_pretrained into a temporary directory, then swap it in, so a crash never leaves half an adapter."""
@@ -179,127 +395,94 @@ def save_adapter(model, path):
     os.replace(tmp, path)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, llm=True)
-    # latent categories
-    parser.add_argument("--k", type=int, default=32, help="latent categories (k-means clusters)")
-    parser.add_argument("--kmeans-iters", type=int, default=100, help="most k-means iterations")
-    # model / prompt
-    parser.add_argument("--level", choices=("user", "instance"), default="user",
-                        help="user: P2Rec, one sample per user; instance: the E4SRec-style baseline, one per train position")
-    parser.add_argument("--item-repr", choices=("text", "token"), default="text",
-                        help="text: the ID written out (measured best, README); token: one new token per item, "
-                             "initialised from the teacher embedding (3x less LLM time)")
-    parser.add_argument("--max-items", type=int, default=50, help="most recent training items in a user's prompt")
-    # training
-    parser.add_argument("--epochs", type=int, default=3, help="passes over all users")
-    parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
-    parser.add_argument("--max-tokens", type=int, default=None,
-                        help="tokens per batch (prompts packed end to end, no padding); default 4096 on CPU, "
-                             "32768 on GPU, lowered automatically when the GPU memory is short")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the LLM's blocks (GPU): ~2x faster epochs after a 1-2 min compile, "
-                             "so it pays for long runs (README, Speed)")
-    parser.add_argument("--val-frac", type=float, default=0.05, help="users held out to measure validation KL")
-    # LoRA
-    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
-    parser.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha")
-    parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (0: a few passes over the users need none, and it costs a copy of every q/v input)")
-    parser.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names that get LoRA")
-    args = parser.parse_args()
-    device, rank, world = setup_distributed(pick_device(args.device))
-    args.max_tokens = args.max_tokens or (32768 if device.type == "cuda" else 4096)
-    check_positive(args, "k", "kmeans_iters", "max_items", "epochs", "lr", "max_tokens", "lora_r")
-    if not 0 < args.val_frac < 1:
-        raise UserError(f"--val-frac must lie between 0 and 1, got {args.val_frac}")
-    args.lora_targets = args.lora_targets.split(",")
+def save_artifacts(out, model, args, inputs, categories, history, best_epoch, refs, num_outputs):
+    meta = {"args": vars(args), "dataset_fingerprint": inputs["data"]["fingerprint"], "llm": llm_fingerprint(args.llm),
+            "teacher_fingerprint": file_fingerprint(inputs["teacher_path"])}
+    save_atomic({"item_categories": categories["item_categories"], "prior": categories["prior"]},
+                os.path.join(out, "categories.pt"), meta)
+    save_adapter(model, os.path.join(out, "sft_adapter"))
+    teacher_emb = inputs["teacher_emb"] if args.item_repr == "teacher-token" else None
+    save_atomic({"trainable": model.trainable_state(), "num_outputs": num_outputs, "num_items": inputs["data"]["num_items"],
+                 "args": vars(args), "teacher_item_emb": teacher_emb}, os.path.join(out, "sft_head.pt"), meta)
+    save_atomic({"history": history, "best_epoch": best_epoch, "references": refs, "category_check": categories["check"]},
+                os.path.join(out, "sft_metrics.json"), meta)
 
+
+# ----------------------------------------------------------------------------- main
+
+def load_inputs(args):
+    """The dataset and the teacher's item embeddings, checked to belong together."""
     data = load_dataset(args)
-    out = stage_dir(args)
-    teacher_path = require(os.path.join(out, "teacher.pt"), f"python 02_teacher.py --data {args.data}")
+    teacher_path = require(os.path.join(stage_dir(args), "teacher.pt"), f"python 02_teacher.py --data {args.data}")
     check_made_from(teacher_path + ".meta.json", "dataset_fingerprint", data["fingerprint"],
                     f"the data changed since the teacher was trained: rerun python 02_teacher.py --data {args.data}", args.force)
     if args.k > data["num_items"]:
         raise UserError(f"--k {args.k} is larger than the number of items ({data['num_items']}): choose a smaller --k")
-    seed_everything(args.seed)
-
-    # 1-2. latent categories and prior preferences. Rows are L2-normalised: SASRec scores by dot product,
-    # so a popular item's long vector would otherwise pull it away from items of the same kind.
     teacher_emb = torch.load(teacher_path, map_location="cpu")["item_emb"].float()
-    item_categories = torch.full((data["num_items"] + 1,), -1, dtype=torch.long)
-    item_categories[1:] = kmeans(torch.nn.functional.normalize(teacher_emb[1:], dim=1), args.k, args.kmeans_iters, args.seed)
-    prior = prior_preferences(data["sequences"], item_categories, args.k)
+    return {"data": data, "teacher_path": teacher_path, "teacher_emb": teacher_emb}
+
+
+def categories_and_priors(args, inputs):
+    """Steps 1-2: every item's latent category, every user's prior preference, and the check against the data's
+    own groups (the paper's Fig. 5) where it has them."""
+    data = inputs["data"]
+    item_categories = latent_categories(inputs["teacher_emb"], args.k, args.kmeans_iters, args.seed)
     check = category_check(data["item_groups"], item_categories, seed=args.seed) if data["item_groups"] else None
     if check:
-        print("latent categories vs pre-grouped categories (random item pairs):")
-        for key, value in check.items():
-            print(f"  {key:36s} {value:.4f}" if isinstance(value, float) else f"  {key:36s} {value}")
+        print(f"latent categories vs pre-grouped ones: P(same latent | same group) {check['P(same latent | same group)']:.3f}, "
+              f"chance {check['P(same latent) (chance)']:.3f}, lift {check['lift over chance']:.2f}")
+    return {"item_categories": item_categories, "prior": prior_preferences(data["sequences"], item_categories, args.k),
+            "check": check}
 
-    # 3. SFT. User level (P2Rec): one prompt per user. Instance level (the baseline): one per train position.
+
+def build_samples(args, data, tokenizer, categories):
+    """Step 3: (train set, validation set, reference KLs): user level (P2Rec), one prompt per user; instance
+    level (the baseline), one per train position."""
+    builder = PromptBuilder(tokenizer, args.item_repr, data["num_items"])
+    train_users, val_users = split_users(len(data["sequences"]), args.val_frac, args.seed)
+    if args.level == "instance":
+        return (instance_level_samples(data["sequences"], train_users, builder, args.max_items),
+                instance_level_samples(data["sequences"], val_users, builder, args.max_items, last_only=True), None)
+    prior = categories["prior"]
+    train_set, val_set = (user_level_samples(data["sequences"], users, builder, args.max_items, prior,
+                                             categories["item_categories"]) for users in (train_users, val_users))
+    return train_set, val_set, reference_kls(prior, train_users, val_users)
+
+
+def main():
+    args = parse_args()
+    device, rank, world = setup_distributed(pick_device(args.device))
+    args.max_tokens = args.max_tokens or (8192 if device.type == "cuda" else 4096)
+    inputs = load_inputs(args)
+    data, out = inputs["data"], stage_dir(args)
+    seed_everything(args.seed)
+
+    categories = categories_and_priors(args, inputs)
     base, tokenizer = load_llm(args.llm, device)
-    builder = PromptBuilder(tokenizer, args.item_repr)
-    users = torch.randperm(len(data["sequences"]), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    n_val = max(1, int(len(users) * args.val_frac))
-    val_users, train_users = users[:n_val], users[n_val:]
-    if args.level == "user":
-        train_set = user_level_samples(data["sequences"], train_users, builder, args.max_items, prior)
-        val_set = user_level_samples(data["sequences"], val_users, builder, args.max_items, prior)
-    else:
-        train_set = instance_level_samples(data["sequences"], train_users, builder, args.max_items)
-        val_set = instance_level_samples(data["sequences"], val_users, builder, args.max_items, last_only=True)
+    train_set, val_set, refs = build_samples(args, data, tokenizer, categories)
     num_outputs = args.k if args.level == "user" else data["num_items"] + 1  # item 0 is padding, never a target
     model = LoRALLM(base, num_outputs, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets,
-                    teacher_item_emb=teacher_emb if args.item_repr == "token" else None).to(device)
-    if args.compile:
-        compile_blocks(model.llm)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, fused=device.type == "cuda")
-    max_tokens = fit_max_tokens(model, *train_set, args.max_tokens, device, world)
-    batch_tokens = max_tokens * world  # every process gets a share of each batch: --max-tokens is per process
-    gen = torch.Generator().manual_seed(args.seed)  # the same on every process, so all cut the same batches
-    val_batches = prompt_batches(val_set[0], batch_tokens, shuffle=False)
-    trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    shards = {"rank": rank, "world": world}
+                    item_repr=args.item_repr, num_items=data["num_items"], teacher_item_emb=inputs["teacher_emb"]).to(device)
+    prepare_llm(model, args)
 
-    loss_name = "val_kl" if args.level == "user" else "val_ce"
     checkpoint = os.path.join(out, "sft.ckpt.pt")  # a killed run resumes from here
-    settings = run_settings(args, dataset_fingerprint=data["fingerprint"], teacher_fingerprint=file_fingerprint(teacher_path),
-                            llm=llm_fingerprint(args.llm), processes=world)
-    resumed = load_checkpoint(checkpoint, settings, args.force, gen)
-    if resumed:
-        model.load_state_dict(resumed["trainable"], strict=False)
-        opt.load_state_dict(resumed["optimizer"])
-        history = resumed["history"]
-    else:
-        history = [{"epoch": 0, loss_name: run_epoch(model, *val_set, val_batches, device, desc="val", **shards)[0]}]
-    print(f"{args.level}-level SFT: {len(train_set[0])} training samples from {len(train_users)} users, "
-          f"{len(val_users)} validation users, {args.llm} on {device}, {loss_name} before training {history[0][loss_name]:.4f}")
-    for epoch in range(len(history), args.epochs + 1):
-        batches = prompt_batches(train_set[0], batch_tokens, shuffle=True, generator=gen)
-        train_loss, seconds, tokens = run_epoch(trained, *train_set, batches, device, opt, f"epoch {epoch}", **shards)
-        val_loss = run_epoch(model, *val_set, val_batches, device, desc="val", **shards)[0]
-        history.append({"epoch": epoch, "train_loss": train_loss, loss_name: val_loss, "train_s": seconds,
-                        "tokens": tokens, "samples": len(train_set[0])})
-        print(f"epoch {epoch}: train loss {train_loss:.4f}, {loss_name} {val_loss:.4f}, LLM time {seconds:.1f} s, "
-              f"{tokens / seconds:.0f} tokens/s")
-        if rank == 0:  # every process holds the same weights: one writes
-            trainable = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
-            save_checkpoint(checkpoint, settings, epoch, gen, trainable=trainable, optimizer=opt.state_dict(),
-                            history=history)
+    settings = run_settings(args, dataset_fingerprint=data["fingerprint"], llm=llm_fingerprint(args.llm),
+                            teacher_fingerprint=file_fingerprint(inputs["teacher_path"]), processes=world)
+    history, best_epoch = train(model, train_set, val_set, args, device, {"rank": rank, "world": world}, checkpoint,
+                                settings, refs)
     if rank > 0:
         return
-
-    meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"], "llm": llm_fingerprint(args.llm),
-            "teacher_fingerprint": file_fingerprint(teacher_path)}
-    save_atomic({"item_categories": item_categories, "prior": prior}, os.path.join(out, "categories.pt"), meta)
-    save_adapter(model, os.path.join(out, "sft_adapter"))
-    save_atomic({"trainable": model.trainable_state(), "num_outputs": num_outputs, "args": vars(args),
-                 "teacher_item_emb": teacher_emb}, os.path.join(out, "sft_head.pt"), meta)
-    save_atomic({"history": history, "category_check": check}, os.path.join(out, "sft_metrics.json"), meta)
+    save_artifacts(out, model, args, inputs, categories, history, best_epoch, refs, num_outputs)
     os.remove(checkpoint)
-    print(f"sft: {loss_name} {history[0][loss_name]:.4f} -> {history[-1][loss_name]:.4f} over {args.epochs} epochs, "
-          f"{sum(h.get('train_s', 0) for h in history) / args.epochs:.1f} s LLM time per epoch; "
-          f"next: python 04_embed.py --data {args.data}")
+    print_summary(args, history, best_epoch, refs)
+
+
+def print_summary(args, history, best_epoch, refs):
+    loss_name = "val_kl" if args.level == "user" else "val_ce"
+    trained_epochs = [h for h in history if "train_s" in h]
+    print(f"sft: {loss_name} {history[0][loss_name]:.4f} -> {history[best_epoch][loss_name]:.4f} (best epoch {best_epoch} "
+          f"of {len(trained_epochs)}){gap_text(history[best_epoch], refs)}; LLM time "
+          f"{sum(h['train_s'] for h in trained_epochs):.1f} s; next: python 04_embed.py --data {args.data}")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 Stage 4: feed every item through the tuned LLM to get its enhanced embedding.
 
 Reads  out/<dataset>/sft_adapter/, out/<dataset>/sft_head.pt      (03_sft.py)
-Writes out/<dataset>/item_emb.pt   [num_items + 1, hidden_size] float32, row 0 (padding) zeros
+Writes out/<dataset>/item_emb.pt        [num_items + 1, hidden_size] float32, row 0 (padding) zeros
+       out/<dataset>/item_emb_base.pt   the same from the base LLM without SFT (--base: a control for 05_student.py)
 
 $ python 04_embed.py --data beauty
+$ python 04_embed.py --data beauty --base     # the control: what the untuned LLM gives
 Each item goes through the same prompt as a user in 03_sft.py, as a history of one item; its embedding is
 the final hidden state of the last token, the state the SFT head learned to read a category from.
 """
@@ -15,9 +17,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (PromptBuilder, add_common_args, all_reduce_sum, check_made_from, check_positive,
-                    file_fingerprint, load_dataset, load_tuned_llm, pack_prompts, pick_device, require, run_main,
-                    save_atomic, setup_distributed, stage_dir, token_batches)
+from common import (LoRALLM, PromptBuilder, add_common_args, all_reduce_sum, check_made_from, check_positive,
+                    file_fingerprint, load_dataset, load_llm, load_tuned_llm, pack_prompts, pick_device, require,
+                    run_main, save_atomic, setup_distributed, stage_dir, token_batches)
 
 
 @torch.no_grad()
@@ -27,16 +29,27 @@ def embed_items(model, builder, num_items, max_tokens, device, rank=0, world=1):
     items = list(range(1 + rank, num_items + 1, world))
     prompts = [builder([item]) for item in items]
     item_emb = torch.zeros(num_items + 1, model.head.in_features, device=device)
-    for batch in tqdm(token_batches([len(p[0]) for p in prompts], max_tokens, shuffle=False), desc="items", leave=False):
+    for batch in tqdm(token_batches([len(p.ids) for p in prompts], max_tokens, shuffle=False), desc="items", leave=False):
         rows = torch.tensor([items[i] for i in batch], device=device)
         item_emb[rows] = model.hidden(pack_prompts([prompts[i] for i in batch], device)).float()
     return all_reduce_sum(item_emb, world).cpu()  # one copy at the end: no wait for the GPU inside the loop
+
+
+def base_llm(state, device):
+    """The control: the LLM 03_sft.py started from, untouched (a fresh LoRA adapter is the identity), reading the
+    items as SFT did; item tokens exist only after SFT, so then the IDs are written out as text."""
+    base, tokenizer = load_llm(state["args"]["llm"], device)
+    item_repr = state["args"]["item_repr"]
+    item_repr = item_repr if item_repr in ("text", "code") else "text"
+    return LoRALLM(base, state["num_outputs"]).to(device).eval(), tokenizer, item_repr
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, seed=False)
     parser.add_argument("--max-tokens", type=int, default=8192, help="tokens per batch (per process under torchrun)")
+    parser.add_argument("--base", action="store_true", help="embed with the base LLM, without SFT (a control), "
+                        "into item_emb_base.pt")
     args = parser.parse_args()
     check_positive(args, "max_tokens")
 
@@ -50,19 +63,25 @@ def main():
     check_made_from(sft_meta, "teacher_fingerprint", file_fingerprint(teacher_path),
                     f"the teacher was retrained after SFT, so its categories are stale: rerun python 03_sft.py --data {args.data}",
                     args.force)
-    model, tokenizer, state = load_tuned_llm(args, device)
-    builder = PromptBuilder(tokenizer, state["args"]["item_repr"])
+    if args.base:
+        state = torch.load(os.path.join(out, "sft_head.pt"), map_location="cpu")
+        model, tokenizer, item_repr = base_llm(state, device)
+    else:
+        model, tokenizer, state = load_tuned_llm(args, device)
+        item_repr = state["args"]["item_repr"]
+    builder = PromptBuilder(tokenizer, item_repr, data["num_items"])
 
     start = time.time()
     item_emb = embed_items(model, builder, data["num_items"], args.max_tokens, device, rank, world)
     seconds = time.time() - start
     if rank > 0:
         return
+    name = "item_emb_base.pt" if args.base else "item_emb.pt"
     meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"],
             "sft_fingerprint": file_fingerprint(os.path.join(out, "sft_head.pt")), "seconds": seconds}
-    save_atomic(item_emb, os.path.join(out, "item_emb.pt"), meta)
-    print(f"embed: {data['num_items']} items -> {tuple(item_emb.shape)} in {seconds:.1f} s on {world} x {device.type}; "
-          f"next: python 05_student.py --data {args.data}")
+    save_atomic(item_emb, os.path.join(out, name), meta)
+    print(f"embed: {data['num_items']} items -> {name} {tuple(item_emb.shape)} in {seconds:.1f} s on {world} x "
+          f"{device.type}; next: python 05_student.py --data {args.data}")
 
 
 if __name__ == "__main__":

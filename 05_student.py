@@ -2,15 +2,24 @@
 Stage 5: train future SRS models with and without the LLM-enhanced item embeddings.
 
 Reads  out/<dataset>/dataset.json, out/<dataset>/item_emb.pt        (01_prepare.py, 04_embed.py)
-Writes out/<dataset>/results.json   test metrics of every (model, variant, seed), with validation and history
-       out/<dataset>/results.md     the vanilla-vs-enhanced table (mean, and spread over seeds)
+       out/<dataset>/item_emb_base.pt, categories.pt                (04_embed.py --base, 03_sft.py: the controls)
+Writes out/<dataset>/results.json   test metrics of every (model, variant, seed), subgroups, validation, history
+       out/<dataset>/results.md     the table: mean ± std over seeds, lift over vanilla, subgroups
+       out/<dataset>/results.png    the lift per seed (only where matplotlib is installed)
        out/<dataset>/student.pt     the enhanced SASRec of the first seed (for the baselines' side-by-side)
 
 $ python 05_student.py --data beauty --seeds 42 43 44
-Each pair (vanilla, enhanced) shares the seed and every setting. The enhanced model's item table
-(--fuse init, the default) starts from the top principal components of the standardised LLM
-embeddings instead of random numbers, then trains like the vanilla one; --fuse add keeps the LLM
-embeddings frozen and adds a learned projection of them to the ID embedding (measured worse, README).
+$ python 05_student.py --data beauty --variants vanilla,enhanced,base-llm,categories    # with both controls
+
+Variants, all trained alike (same seeds, settings and initial weights apart from the item table):
+  vanilla   a plain ID embedding table;
+  enhanced  fused with the LLM-enhanced embeddings of 04_embed.py (P2Rec);
+  base-llm  fused with embeddings of the LLM before SFT (04_embed.py --base): what the SFT adds;
+  categories fused with the one-hot k-means categories of 03_sft.py, no LLM: what the LLM adds over them;
+  teacher   fused with the teacher's own item table (02_teacher.py): all the clusters were cut from.
+How an SRS model takes them (--fuse; common.ItemEmbedding): init (the ID table starts from them), add (a learned
+map of them is added at every step) or align (a loss pulls the ID table toward a learned map of them).
+On a GPU all runs of one structure train together as one (common.RunGroup): the same runs, a fraction of the time.
 """
 import argparse
 import os
@@ -18,104 +27,262 @@ import statistics
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from common import (KS, LLMItemEmbedding, SASRec, UserError, add_common_args, add_train_args, check_made_from,
-                    check_positive, file_fingerprint, format_metrics, load_dataset, pick_device, require,
-                    run_main, save_atomic, seed_everything, stage_dir, train_recommender)
+from common import (FUSIONS, KS, Dropout, ItemEmbedding, SASRec, UserError, add_common_args, add_train_args,
+                    check_made_from, check_positive, file_fingerprint, format_metrics, llm_features, load_dataset,
+                    pick_device, rank_metrics, require, run_main, save_atomic, seed_everything, split_user, stage_dir,
+                    train_recommender)
 
 METRICS = [f"{m}@{k}" for m in ("HR", "NDCG") for k in KS]
+VARIANTS = ("vanilla", "enhanced", "base-llm", "categories", "teacher")
+SUBGROUPS = ("tail items", "head items", "short users", "long users")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, seed=False)
+    add_train_args(parser, epochs=40)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="one run of every variant per model and seed")
+    parser.add_argument("--models", default="sasrec,gru4rec", help="comma-separated: sasrec, gru4rec")
+    parser.add_argument("--variants", default="vanilla,enhanced", help=f"comma-separated: {', '.join(VARIANTS)}")
+    parser.add_argument("--fuse", choices=FUSIONS, default="init", help="how the item table takes the embeddings")
+    parser.add_argument("--align-weight", type=float, default=1.0, help="weight of the align loss (--fuse align)")
+    parser.add_argument("--blocks", type=int, default=2, help="SASRec self-attention blocks")
+    parser.add_argument("--heads", type=int, default=1, help="SASRec attention heads")
+    parser.add_argument("--together", choices=("auto", "yes", "no"), default="auto",
+                        help="train runs of one structure together (auto: on a GPU, where it saves time; on a CPU "
+                             "one at a time is as fast)")
+    args = parser.parse_args()
+    check_positive(args, "epochs", "batch_size", "lr", "maxlen", "dim", "blocks", "heads", "align_weight")
+    args.models, args.variants = args.models.split(","), args.variants.split(",")
+    for option, given, known in (("--models", args.models, ("sasrec", "gru4rec")), ("--variants", args.variants, VARIANTS)):
+        unknown = [name for name in given if name not in known]
+        if unknown:
+            raise UserError(f"unknown {option} entry {unknown[0]}: choose from {', '.join(known)}")
+    if "vanilla" not in args.variants:
+        raise UserError("--variants must include vanilla: every lift is measured against it")
+    return args
 
 
 class GRU4Rec(nn.Module):
     """GRU4Rec (Hidasi et al., ICLR 2016) with full-softmax cross-entropy: a GRU over the item embeddings,
-    scored against the same item table. Left padding feeds zero vectors first, which the GRU learns to
-    treat as 'nothing yet'."""
+    scored against the same item table. The GRU (PyTorch's equations) is written out step by step, so that
+    torch.func.vmap can train several runs at once (nn.GRU has no batching rule); a padding step leaves the
+    state as it was, so a user's states do not depend on how much padding its batch carries."""
 
-    def __init__(self, num_items, dim=64, dropout=0.5, llm_item_emb=None, fuse="init"):
+    def __init__(self, items, dropout=0.5):
         super().__init__()
-        self.items = LLMItemEmbedding(num_items, dim, llm_item_emb, fuse)
-        self.drop = nn.Dropout(dropout)
-        self.gru = nn.GRU(dim, dim, batch_first=True)
+        dim = items.id_emb.embedding_dim
+        self.items = items
+        self.drop = Dropout(dropout)
+        self.input_gates, self.hidden_gates = nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim)
+        for weight in (*self.input_gates.parameters(), *self.hidden_gates.parameters()):
+            nn.init.uniform_(weight, -dim ** -0.5, dim ** -0.5)  # nn.GRU's initialisation
 
     def item_table(self):
         return self.items.table()
 
     def forward(self, seq, table=None):
         table = self.item_table() if table is None else table
-        return self.gru(self.drop(table[seq]))[0]
+        real = seq > 0
+        from_input = self.input_gates(self.drop(table[seq]))  # [B, L, 3 dim], every step at once
+        state = from_input.new_zeros(seq.shape[0], table.shape[1])
+        states = []
+        for t in range(seq.shape[1]):
+            reset_x, update_x, new_x = from_input[:, t].chunk(3, -1)
+            reset_h, update_h, new_h = self.hidden_gates(state).chunk(3, -1)
+            reset, update = torch.sigmoid(reset_x + reset_h), torch.sigmoid(update_x + update_h)
+            candidate = torch.tanh(new_x + reset * new_h)
+            state = torch.where(real[:, t, None], (1 - update) * candidate + update * state, state)
+            states.append(state)
+        return torch.stack(states, 1)
 
 
-def build_model(name, num_items, args, llm_item_emb):
+def build_model(name, num_items, args, features):
+    items = ItemEmbedding(num_items, args.dim, features, args.fuse, args.align_weight)
     if name == "sasrec":
-        return SASRec(num_items, args.dim, args.blocks, args.heads, args.maxlen, args.dropout, llm_item_emb, args.fuse)
-    return GRU4Rec(num_items, args.dim, args.dropout, llm_item_emb, args.fuse)
+        return SASRec(items, args.maxlen, args.blocks, args.heads, args.dropout)
+    return GRU4Rec(items, args.dropout)
 
 
-def markdown_table(runs, dataset):
-    """Mean (± std over seeds when there are several) of each test metric, vanilla vs enhanced, and the lift."""
-    lines = [f"Test split of {dataset}, full ranking over all items (history not masked).", "",
-             "| model | variant | seeds | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 3) + "|"]
+# ----------------------------------------------------------------------------- the variants' item embeddings
+
+def variant_features(args, data, out):
+    """{variant: llm_features(...) or None (vanilla)}, after checking that every input is current."""
+    features = {"vanilla": None}
+    if "enhanced" in args.variants:
+        features["enhanced"] = llm_features(current_embeddings(args, data, out, "item_emb.pt", ""), args.dim)
+    if "base-llm" in args.variants:
+        features["base-llm"] = llm_features(current_embeddings(args, data, out, "item_emb_base.pt", " --base"), args.dim)
+    if "categories" in args.variants:
+        path = require(os.path.join(out, "categories.pt"), f"python 03_sft.py --data {args.data}")
+        check_made_from(path + ".meta.json", "dataset_fingerprint", data["fingerprint"],
+                        f"the data changed since 03_sft.py ran: rerun stages 02-04 for --data {args.data}", args.force)
+        categories = torch.load(path)["item_categories"]
+        one_hot = F.one_hot(categories.clamp(min=0)).float()
+        one_hot[0] = 0
+        features["categories"] = llm_features(one_hot, args.dim)
+    if "teacher" in args.variants:
+        path = require(os.path.join(out, "teacher.pt"), f"python 02_teacher.py --data {args.data}")
+        check_made_from(path + ".meta.json", "dataset_fingerprint", data["fingerprint"],
+                        f"the data changed since the teacher was trained: rerun python 02_teacher.py --data {args.data}", args.force)
+        features["teacher"] = llm_features(torch.load(path)["item_emb"], args.dim)
+    return features
+
+
+def current_embeddings(args, data, out, name, flag):
+    path = require(os.path.join(out, name), f"python 04_embed.py --data {args.data}{flag}")
+    check_made_from(path + ".meta.json", "dataset_fingerprint", data["fingerprint"],
+                    f"the data changed since the embeddings were made: rerun stages 02-04 for --data {args.data}", args.force)
+    sft_path = require(os.path.join(out, "sft_head.pt"), f"python 03_sft.py --data {args.data}")
+    check_made_from(path + ".meta.json", "sft_fingerprint", file_fingerprint(sft_path),
+                    f"03_sft.py ran again after {name} was made: rerun python 04_embed.py --data {args.data}{flag}", args.force)
+    emb = torch.load(path, map_location="cpu")
+    if emb.shape[0] != data["num_items"] + 1:
+        raise UserError(f"{path} has {emb.shape[0] - 1} items, the dataset {data['num_items']}: rerun 04_embed.py{flag}")
+    return emb
+
+
+# ----------------------------------------------------------------------------- training, grouped
+
+def plan_groups(runs, together):
+    """Runs that can be stacked (same model structure: same parameter names and shapes) go into one group;
+    without `together`, every run is a group of its own."""
+    groups = {}
+    for run in runs:
+        key = tuple((name, tuple(t.shape)) for name, t in run["model"].state_dict().items()) if together else id(run)
+        groups.setdefault(key, []).append(run)
+    return list(groups.values())
+
+
+def build_runs(args, data, features):
+    runs = []
+    for model_name in args.models:
+        for seed in args.seeds:
+            for variant in args.variants:
+                seed_everything(seed)  # the same initial weights for every variant of a seed, item fusion aside
+                model = build_model(model_name, data["num_items"], args, features[variant])
+                runs.append({"model_name": model_name, "variant": variant, "seed": seed, "model": model})
+    return runs
+
+
+# ----------------------------------------------------------------------------- subgroups and the table
+
+def subgroup_masks(sequences, num_items):
+    """Test users by their target (tail: the 80% least popular items in training; head: the rest) and by their
+    history (short: at most 5 training items; long: more)."""
+    popularity = torch.zeros(num_items + 1)
+    for seq in sequences:
+        popularity.index_add_(0, torch.tensor(split_user(seq)[0]), torch.ones(len(seq) - 2))
+    head = torch.zeros(num_items + 1, dtype=torch.bool)
+    head[1 + popularity[1:].argsort(descending=True)[: num_items // 5]] = True
+    is_head = head[torch.tensor([seq[-1] for seq in sequences])]
+    short = torch.tensor([len(seq) - 2 <= 5 for seq in sequences])
+    return {"tail items": ~is_head, "head items": is_head, "short users": short, "long users": ~short}
+
+
+def mean_std(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def cell(values):
+    mean, std = mean_std(values)
+    return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+def markdown_table(runs, dataset, fuse):
+    """Mean (± std over seeds) of each test metric per model and variant, each variant's lift over vanilla, and
+    NDCG@10 / HR@10 by subgroup."""
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    lines = [f"Test split of {dataset}, full ranking over all items (history not masked); item tables fused by "
+             f"'{fuse}'.", "", "| model | variant | seeds | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 3) + "|"]
     for model in dict.fromkeys(r["model"] for r in runs):
-        means = {}
-        for variant in ("vanilla", "enhanced"):
-            values = {m: [r["test"][m] for r in runs if r["model"] == model and r["variant"] == variant] for m in METRICS}
-            means[variant] = {m: statistics.mean(v) for m, v in values.items()}
-            cells = [f"{means[variant][m]:.4f}" + (f" ± {statistics.stdev(v):.4f}" if len(v) > 1 else "")
-                     for m, v in values.items()]
-            lines.append(f"| {model} | {variant} | {len(values[METRICS[0]])} | " + " | ".join(cells) + " |")
-        lift = [f"{100 * (means['enhanced'][m] / means['vanilla'][m] - 1):+.1f}%" for m in METRICS]
-        lines.append(f"| {model} | lift | | " + " | ".join(lift) + " |")
+        of = {v: [r for r in runs if r["model"] == model and r["variant"] == v] for v in variants}
+        for variant in variants:
+            lines.append(f"| {model} | {variant} | {len(of[variant])} | "
+                         + " | ".join(cell([r["test"][m] for r in of[variant]]) for m in METRICS) + " |")
+        for variant in variants[1:]:
+            lift = [f"{100 * (mean_std([r['test'][m] for r in of[variant]])[0] / mean_std([r['test'][m] for r in of['vanilla']])[0] - 1):+.1f}%"
+                    for m in METRICS]
+            lines.append(f"| {model} | lift of {variant} | | " + " | ".join(lift) + " |")
+    lines += ["", "By subgroup (test users; NDCG@10, then HR@10):", "",
+              "| model | variant | " + " | ".join(SUBGROUPS) + " |", "|---" * (len(SUBGROUPS) + 2) + "|"]
+    for model in dict.fromkeys(r["model"] for r in runs):
+        for variant in variants:
+            of = [r for r in runs if r["model"] == model and r["variant"] == variant]
+            cells = [f"{mean_std([r['subgroups'][g]['NDCG@10'] for r in of])[0]:.4f} / "
+                     f"{mean_std([r['subgroups'][g]['HR@10'] for r in of])[0]:.4f}" for g in SUBGROUPS]
+            lines.append(f"| {model} | {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, seed=False)
-    add_train_args(parser, epochs=40)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="one vanilla/enhanced pair per model and seed")
-    parser.add_argument("--models", default="sasrec,gru4rec", help="comma-separated: sasrec, gru4rec")
-    parser.add_argument("--fuse", choices=("init", "add"), default="init",
-                        help="init: ID embeddings start from the LLM embeddings; add: ID + projected frozen LLM embedding")
-    parser.add_argument("--blocks", type=int, default=2, help="SASRec self-attention blocks")
-    parser.add_argument("--heads", type=int, default=1, help="SASRec attention heads")
-    args = parser.parse_args()
-    check_positive(args, "epochs", "batch_size", "lr", "maxlen", "dim", "blocks", "heads")
-    models = args.models.split(",")
-    unknown = [m for m in models if m not in ("sasrec", "gru4rec")]
-    if unknown:
-        raise UserError(f"unknown --models entry {unknown[0]}: choose from sasrec, gru4rec")
+def save_chart(runs, path, title):
+    """The lift of NDCG@10 and HR@10 over vanilla, per model and variant: one dot per seed (paired with the
+    vanilla run of that seed), a bar for the mean. Drawn only where matplotlib is installed (optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    models = list(dict.fromkeys(r["model"] for r in runs))
+    variants = [v for v in dict.fromkeys(r["variant"] for r in runs) if v != "vanilla"]
+    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models) + 1, 3.2), squeeze=False, sharey=True)
+    for ax, model in zip(axes[0], models):
+        vanilla = {r["seed"]: r["test"] for r in runs if r["model"] == model and r["variant"] == "vanilla"}
+        for offset, metric in ((-0.2, "NDCG@10"), (0.2, "HR@10")):
+            for x, variant in enumerate(variants):
+                lifts = [100 * (r["test"][metric] / vanilla[r["seed"]][metric] - 1)
+                         for r in runs if r["model"] == model and r["variant"] == variant]
+                ax.bar(x + offset, statistics.mean(lifts), width=0.4, color="C0" if metric == "NDCG@10" else "C1",
+                       label=metric if x == 0 else None)
+                ax.scatter([x + offset] * len(lifts), lifts, color="black", s=8, zorder=3)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xticks(range(len(variants)), variants, fontsize=8)
+        ax.set_title(model, fontsize=9)
+    axes[0][0].set_ylabel("test lift over vanilla (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
+    return True
 
+
+def main():
+    args = parse_args()
     data = load_dataset(args)
     out = stage_dir(args)
-    emb_path = require(os.path.join(out, "item_emb.pt"), f"python 04_embed.py --data {args.data}")
-    check_made_from(emb_path + ".meta.json", "dataset_fingerprint", data["fingerprint"],
-                    f"the data changed since the embeddings were made: rerun stages 02-04 for --data {args.data}", args.force)
-    sft_path = require(os.path.join(out, "sft_head.pt"), f"python 03_sft.py --data {args.data}")
-    check_made_from(emb_path + ".meta.json", "sft_fingerprint", file_fingerprint(sft_path),
-                    f"03_sft.py ran again after the embeddings were made: rerun python 04_embed.py --data {args.data}", args.force)
-    llm_item_emb = torch.load(emb_path, map_location="cpu")
-    if llm_item_emb.shape[0] != data["num_items"] + 1:
-        raise UserError(f"{emb_path} has {llm_item_emb.shape[0] - 1} items, the dataset {data['num_items']}: rerun 04_embed.py")
+    features = variant_features(args, data, out)
     device = pick_device(args.device)
+    together = args.together == "yes" or (args.together == "auto" and device.type == "cuda")
+    masks = subgroup_masks(data["sequences"], data["num_items"])
 
-    runs = []
-    for model_name in models:
-        for seed in args.seeds:
-            for variant, emb in (("vanilla", None), ("enhanced", llm_item_emb)):
-                seed_everything(seed)  # same initial ID embeddings and batches for both variants
-                model = build_model(model_name, data["num_items"], args, emb)
-                args.seed = seed
-                result = train_recommender(model, data["sequences"], args, device, desc=f"{model_name} {variant} s{seed}")
-                runs.append({"model": model_name, "variant": variant, "seed": seed, **result})
-                print(f"{model_name:8s} {variant:8s} seed {seed}: best epoch {result['best_epoch']:3d}, test {format_metrics(result['test'])}")
-                if (model_name, variant, seed) == ("sasrec", "enhanced", args.seeds[0]):
-                    save_atomic({"state": model.state_dict(), "args": vars(args)}, os.path.join(out, "student.pt"))
+    results = []
+    for group in plan_groups(build_runs(args, data, features), together):
+        names = ", ".join(f"{r['variant']} s{r['seed']}" for r in group)
+        trained = train_recommender([r["model"] for r in group], [r["seed"] for r in group], data["sequences"], args,
+                                    device, desc=f"{group[0]['model_name']} {names}")
+        for run, result in zip(group, trained):
+            ranks = result.pop("test_ranks")
+            result["subgroups"] = {g: {"users": int(mask.sum()), **rank_metrics(ranks[mask])} for g, mask in masks.items()}
+            results.append({"model": run["model_name"], "variant": run["variant"], "seed": run["seed"], **result})
+            print(f"{run['model_name']:8s} {run['variant']:10s} seed {run['seed']}: best epoch {result['best_epoch']:3d}, "
+                  f"test {format_metrics(result['test'])}")
+            if (run["model_name"], run["variant"], run["seed"]) == ("sasrec", "enhanced", args.seeds[0]):
+                save_atomic({"state": run["model"].state_dict(), "item_emb": run["model"].item_table().detach().cpu(),
+                             "args": vars(args)}, os.path.join(out, "student.pt"))
 
-    meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"], "item_emb_fingerprint": file_fingerprint(emb_path)}
-    save_atomic({"runs": runs}, os.path.join(out, "results.json"), meta)
-    table = markdown_table(runs, args.data)
+    meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"],
+            "inputs": {name: file_fingerprint(os.path.join(out, name)) for name in ("item_emb.pt", "item_emb_base.pt", "categories.pt")
+                       if os.path.exists(os.path.join(out, name))}}
+    save_atomic({"runs": results}, os.path.join(out, "results.json"), meta)
+    table = markdown_table(results, args.data, args.fuse)
     save_atomic(table, os.path.join(out, "results.md"))
     print("\n" + table)
+    if save_chart(results, os.path.join(out, "results.png"), f"{args.data}, fused by '{args.fuse}'"):
+        print(f"chart: {os.path.join(out, 'results.png')}")
 
 
 if __name__ == "__main__":

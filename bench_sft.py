@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from common import (DEFAULT_LLM, LoRALLM, PromptBuilder, UserError, add_common_args, check_positive, compile_blocks,
+from common import (DEFAULT_LLM, LoRALLM, PromptBuilder, UserError, add_common_args,
                     load_config_and_tokenizer, load_dataset, load_llm, pick_device, run_main, save_atomic,
                     seed_everything, stage_dir)
 
@@ -40,6 +40,10 @@ CONFIGS = {
                                    num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6)),
     "llama-3.2-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                                    num_attention_heads=32, num_key_value_heads=8, rope_theta=5e5)),
+    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                 num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6)),
+    "llama-2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                 num_attention_heads=32, num_key_value_heads=32, rope_theta=1e4)),
 }
 PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989, "H100 PCIe": 756, "H100 NVL": 835, "H200": 989, "A100": 312}
 
@@ -67,16 +71,18 @@ def non_embedding_params(base):
     return sum(p.numel() for p in base.parameters()) - base.get_input_embeddings().weight.numel()
 
 
-def level_samples(level, data, builder, args, prior):
-    """(train set, inference set) of one level; a set is (prompts, targets)."""
+def level_samples(level, data, builder, args):
+    """(train set, inference set) of one level, as sft.Samples. The user-level targets are random distributions
+    and random categories: the cost does not depend on their values."""
     users = list(range(len(data["sequences"])))
     if level == "user":
-        train = sft.user_level_samples(data["sequences"], users, builder, args.max_items, prior)
-        items = [builder([item]) for item in range(1, data["num_items"] + 1)]
-        return train, (items, None)
+        prior = torch.distributions.Dirichlet(torch.ones(args.k)).sample((len(users),))
+        item_categories = torch.randint(args.k, (data["num_items"] + 1,))
+        train = sft.user_level_samples(data["sequences"], users, builder, args.max_items, prior, item_categories)
+        return train, sft.Samples([builder([item]) for item in range(1, data["num_items"] + 1)], None)
     train = sft.instance_level_samples(data["sequences"], users, builder, args.max_items)
     test_prompts = [builder(seq[:-1][-args.max_items:]) for seq in data["sequences"]]  # train + valid -> test item
-    return train, (test_prompts, torch.tensor([seq[-1] for seq in data["sequences"]]))
+    return train, sft.Samples(test_prompts, torch.tensor([seq[-1] for seq in data["sequences"]]))
 
 
 def timed(device, fn):
@@ -92,45 +98,54 @@ def timed(device, fn):
     return result, time.time() - start, peak
 
 
-def bench_level(level, data, tokenizer, args, device, prior):
-    builder = PromptBuilder(tokenizer, "text")
-    (train_prompts, train_targets), (infer_prompts, infer_targets) = level_samples(level, data, builder, args, prior)
+def bench_level(level, data, tokenizer, args, device):
+    builder = PromptBuilder(tokenizer, args.item_repr, data["num_items"])
+    train_set, infer_set = level_samples(level, data, builder, args)
     base = build_base(args, tokenizer, device)
     params = non_embedding_params(base)
     num_outputs = args.k if level == "user" else data["num_items"] + 1
-    model = LoRALLM(base, num_outputs, args.lora_r, 2 * args.lora_r, args.lora_dropout, ("q_proj", "v_proj")).to(device)
-    if args.compile:
-        compile_blocks(model.llm)
+    model = LoRALLM(base, num_outputs, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets,
+                    item_repr=args.item_repr, num_items=data["num_items"],
+                    teacher_item_emb=torch.randn(data["num_items"] + 1, 64)).to(device)
+    sft.prepare_llm(model, args)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
-    max_tokens = sft.fit_max_tokens(model, train_prompts, train_targets, args.max_tokens, device)
-    batches = sft.prompt_batches(train_prompts, max_tokens, shuffle=True, generator=torch.Generator().manual_seed(0))
-    # Warm-up outside the clock: CUDA context, kernels and cuBLAS plans; with --compile a whole epoch,
-    # which holds the compile and every recompile.
-    warmup = batches if args.compile else sorted(batches, key=len)[:: max(1, len(batches) // 3)][:3]
-    _, warmup_s, _ = timed(device, lambda: sft.run_epoch(model, train_prompts, train_targets, warmup, device, opt))
-    _, train_s, train_peak = timed(device, lambda: sft.run_epoch(model, train_prompts, train_targets, batches, device, opt))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    max_tokens = sft.fit_max_tokens(model, train_set, args.max_tokens, device)
+    batches = sft.prompt_batches(train_set.prompts, max_tokens, shuffle=True, generator=torch.Generator().manual_seed(0))
+    prefix_weight = args.prefix_weight if level == "user" else 0.0
+
+    def train_epoch(some_batches):
+        return sft.run_epoch(model, train_set, some_batches, device, opt, schedule, prefix_weight=prefix_weight)
+
+    # --fraction < 1 times the first part of the shuffled epoch and scales by tokens (7B instance level: an
+    # epoch is many minutes). Warm-up outside the clock: CUDA context, kernels and cuBLAS plans; with --compile
+    # the timed batches themselves, which holds the compile and every recompile.
+    timed_batches = batches[:max(1, round(len(batches) * args.fraction))]
+    share = sum(len(train_set.prompts[i].ids) for b in timed_batches for i in b) / sum(len(p.ids) for p in train_set.prompts)
+    warmup = timed_batches if args.compile else sorted(batches, key=len)[:: max(1, len(batches) // 3)][:3]
+    _, warmup_s, _ = timed(device, lambda: train_epoch(warmup))
+    _, train_s, train_peak = timed(device, lambda: train_epoch(timed_batches))
+    train_s /= share
 
     if level == "user":
         infer = lambda: embed.embed_items(model, builder, data["num_items"], max_tokens, device)  # noqa: E731
     else:
-        infer_batches = sft.prompt_batches(infer_prompts, max_tokens, shuffle=False)
-        infer = lambda: sft.run_epoch(model, infer_prompts, infer_targets, infer_batches, device)  # noqa: E731
+        infer_batches = sft.prompt_batches(infer_set.prompts, max_tokens, shuffle=False)
+        infer = lambda: sft.run_epoch(model, infer_set, infer_batches, device)  # noqa: E731
     if args.compile:
         infer()  # the blocks compile once more for inference (no gradients, eval mode): not timed
     _, infer_s, infer_peak = timed(device, infer)
 
     peak = peak_flops(device)
     rows = []
-    for phase, prompts, seconds, mem, flops_per_token in (("train epoch", train_prompts, train_s, train_peak, 4),
-                                                          ("inference", infer_prompts, infer_s, infer_peak, 2)):
-        tokens = sum(len(ids) for ids, _ in prompts)
+    for phase, prompts, seconds, mem, flops_per_token in (("train epoch", train_set.prompts, train_s, train_peak, 4),
+                                                          ("inference", infer_set.prompts, infer_s, infer_peak, 2)):
+        tokens = sum(len(p.ids) for p in prompts)
         rows.append({"level": level, "phase": phase, "samples": len(prompts), "tokens": tokens, "seconds": seconds,
                      "tokens_per_s": tokens / seconds, "samples_per_s": len(prompts) / seconds, "peak_gib": mem,
                      "mfu": flops_per_token * params * tokens / seconds / peak if peak else None,
-                     "max_tokens": max_tokens, "warmup_s": warmup_s if phase == "train epoch" else None})
-    del model, base, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+                     "max_tokens": max_tokens, "warmup_s": warmup_s if phase == "train epoch" else None,
+                     "timed_share": share if phase == "train epoch" else 1.0})
     return rows, params
 
 
@@ -141,8 +156,9 @@ def print_table(rows, title):
     for r in rows:
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        scaled = f"  (timed {100 * r['timed_share']:.0f}% of the epoch, scaled)" if r["timed_share"] < 1 else ""
         print(f"{r['level']:9s} {r['phase']:12s} {r['samples']:8d} {r['tokens']:10d} {r['seconds']:8.2f} "
-              f"{r['tokens_per_s']:10.0f} {r['samples_per_s']:10.0f} {peak:>8s} {mfu:>6s}")
+              f"{r['tokens_per_s']:10.0f} {r['samples_per_s']:10.0f} {peak:>8s} {mfu:>6s}{scaled}")
 
 
 def ratios(rows):
@@ -183,14 +199,14 @@ def main():
     parser.add_argument("--llm", default=DEFAULT_LLM, help="LLM (and, with --config, only its tokenizer)")
     parser.add_argument("--config", choices=sorted(CONFIGS), help="random weights of this public model's shape")
     parser.add_argument("--levels", default="user,instance", help="comma-separated: user, instance")
-    parser.add_argument("--k", type=int, default=32, help="latent categories (user-level head size)")
-    parser.add_argument("--max-items", type=int, default=50, help="most recent items in a prompt")
-    parser.add_argument("--max-tokens", type=int, default=32768, help="tokens per batch (lowered when the GPU is short of memory)")
-    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2r, on q_proj and v_proj)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the LLM's blocks, as 03_sft.py --compile")
-    parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (03_sft.py's default)")
+    parser.add_argument("--fraction", type=float, default=1.0,
+                        help="time this share of the training epoch's (shuffled) batches and scale to the whole epoch")
+    sft.add_sft_args(parser)
     args = parser.parse_args()
-    check_positive(args, "k", "max_items", "max_tokens", "lora_r")
+    sft.check_sft_args(args)
+    args.max_tokens = args.max_tokens or 8192
+    if not 0 < args.fraction <= 1:
+        raise UserError(f"--fraction must lie in (0, 1], got {args.fraction}")
     levels = args.levels.split(",")
     if any(level not in ("user", "instance") for level in levels):
         raise UserError(f"--levels {args.levels}: choose from user, instance")
@@ -199,15 +215,16 @@ def main():
     device = pick_device(args.device)
     seed_everything(args.seed)
     _, tokenizer = load_config_and_tokenizer(args.llm)
-    prior = torch.distributions.Dirichlet(torch.ones(args.k)).sample((len(data["sequences"]),))
     rows = []
     for level in levels:
-        level_rows, params = bench_level(level, data, tokenizer, args, device, prior)
+        level_rows, params = bench_level(level, data, tokenizer, args, device)
         rows += level_rows
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the level's model is gone: give its memory back before the next one
     model_name = f"{args.config} shape, random weights" if args.config else args.llm
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     title = (f"{args.data}, {model_name} ({params / 1e6:.1f}M non-embedding params), {device_name}, "
-             f"LoRA r{args.lora_r} q/v, batches of <= {rows[0]['max_tokens']} tokens")
+             f"items as {args.item_repr}, LoRA r{args.lora_r} {args.lora_targets}, batches of <= {rows[0]['max_tokens']} tokens")
     print_table(rows, title)
     for r in rows:
         if r["warmup_s"] is not None:

@@ -20,7 +20,6 @@ import random
 import sys
 import time
 import warnings
-from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
@@ -132,14 +131,15 @@ def run_settings(args, **fingerprints):
     return {"args": {k: v for k, v in vars(args).items() if k not in ("device", "force")}, **fingerprints}
 
 
-def save_checkpoint(path, settings, epoch, generator, **state):
-    """An epoch checkpoint: the run's own state (model, optimiser, progress) plus every RNG, so that a
-    resumed run draws the same numbers as an uninterrupted one."""
-    save_atomic({"settings": settings, "epoch": epoch, "generator": generator.get_state(), "rng": rng_state(), **state}, path)
+def save_checkpoint(path, settings, epoch, generators, **state):
+    """An epoch checkpoint: the run's own state (model, optimiser, progress) plus every RNG (the global ones and
+    the run's own `generators`), so that a resumed run draws the same numbers as an uninterrupted one."""
+    save_atomic({"settings": settings, "epoch": epoch, "generators": [g.get_state() for g in generators],
+                 "rng": rng_state(), **state}, path)
 
 
-def load_checkpoint(path, settings, force, generator):
-    """The epoch checkpoint that an interrupted run left at `path`, if any; restores `generator` and the
+def load_checkpoint(path, settings, force, generators):
+    """The epoch checkpoint that an interrupted run left at `path`, if any; restores `generators` and the
     global RNGs from it. One made with other settings or inputs stops the run (resuming it would mix two
     experiments) unless --force discards it."""
     if not os.path.exists(path):
@@ -151,7 +151,8 @@ def load_checkpoint(path, settings, force, generator):
                             f"to finish it, or pass --force to discard it and start over")
         print(f"warning (--force): discarding {path}", file=sys.stderr)
         return None
-    generator.set_state(checkpoint["generator"])
+    for generator, state in zip(generators, checkpoint["generators"]):
+        generator.set_state(state)
     set_rng_state(checkpoint["rng"])
     print(f"resuming from {path}: epoch {checkpoint['epoch']} was done")
     return checkpoint
@@ -292,41 +293,47 @@ def train_tensors(sequences, maxlen):
 
 # ----------------------------------------------------------------------------- metrics
 
-def rank_metrics(scores, targets, history=None, ks=KS):
-    """Full-ranking leave-one-out metrics, summed over the batch.
-    scores: [B, num_items + 1] (column 0 is padding and never ranked); targets: [B].
-    With `history` ([B, H] item ids, 0 = pad), items the user has seen are removed from the ranking,
-    except the target itself: that is the separately labelled 'masked' variant."""
+def target_ranks(scores, targets, history=None):
+    """0-based rank of each target among all items. scores: [B, num_items + 1] (column 0 is padding and never
+    ranked); targets: [B]. With `history` ([B, H] item ids, 0 = pad), items the user has seen are removed from
+    the ranking, except the target itself: that is the separately labelled 'masked' variant."""
     target_score = scores.gather(1, targets[:, None])
     if history is not None:
         scores = scores.clone().scatter_(1, history, float("-inf"))
     beaten_by = scores > target_score
     beaten_by[:, 0] = False
-    rank = beaten_by.sum(1, dtype=torch.int32)  # 0-based rank of the target among all items (int32: 2x faster)
+    return beaten_by.sum(1, dtype=torch.int32)  # int32: 2x faster than int64
+
+
+def rank_metrics(ranks, ks=KS):
+    """Full-ranking leave-one-out HR@k and NDCG@k (one relevant item per user), averaged over users."""
     out = {}
     for k in ks:
-        hit = rank < k
-        out[f"HR@{k}"] = hit.sum().item()
-        out[f"NDCG@{k}"] = (hit / torch.log2(rank.float() + 2)).sum().item()
+        hit = ranks < k
+        out[f"HR@{k}"] = hit.float().mean().item()
+        out[f"NDCG@{k}"] = (hit / torch.log2(ranks.float() + 2)).mean().item()
     return out
 
 
 @torch.no_grad()
-def evaluate(model, inputs, targets, history, device, masked=True, batch_size=1024):
-    """HR/NDCG@{5,10,20} over all items, plus (with `masked`) the same with seen items masked ('masked_' keys).
-    Users go through in order of length, so trim_padding cuts each batch to its longest user."""
-    model.eval()
-    total, masked_total = Counter(), Counter()  # Counter.update adds the per-batch sums
-    table = model.item_table()
+def evaluate(group, inputs, targets, history, device, masked=True, batch_size=1024):
+    """For every run of `group` (a RunGroup): the rank of each user's target among all items ([users] int32), and
+    with `masked` the rank with seen items masked. Users go through in order of length, so each batch is cut
+    to its longest user (positions count from the right: only the work changes)."""
+    group.train(False)
+    ranks, masked_ranks = torch.zeros(group.runs, len(targets), dtype=torch.int32), None
+    if masked:
+        masked_ranks = torch.zeros_like(ranks)
     for idx in (inputs > 0).sum(1).argsort().split(batch_size):
-        seq, = trim_padding(inputs[idx].to(device))
-        scores = (model(seq, table)[:, -1] @ table.T).float()
+        seq, = trim_padding(inputs[idx])
+        hidden, table, _ = group(seq.to(device), shared_input=True)  # [runs, B, L, D], [runs, items + 1, D]
+        scores = torch.bmm(hidden[:, :, -1], table.transpose(1, 2)).float()
         tgt = targets[idx].to(device)
-        total.update(rank_metrics(scores, tgt))
-        if masked:
-            masked_total.update(rank_metrics(scores, tgt, history[idx].to(device)))
-    n = len(targets)
-    return {**{k: v / n for k, v in total.items()}, **{f"masked_{k}": v / n for k, v in masked_total.items()}}
+        for run in range(group.runs):
+            ranks[run, idx] = target_ranks(scores[run], tgt).cpu()
+            if masked:
+                masked_ranks[run, idx] = target_ranks(scores[run], tgt, history[idx].to(device)).cpu()
+    return ranks, masked_ranks
 
 
 # ----------------------------------------------------------------------------- sequential models
@@ -343,6 +350,57 @@ class Dropout(nn.Module):
         if not self.training or self.p == 0:
             return x
         return x * (torch.rand_like(x) >= self.p) / (1 - self.p)
+
+
+def llm_features(item_emb, dim):
+    """LLM (or control) item embeddings as a future SRS model takes them: each dimension standardised over
+    items (LLM hidden states carry a few huge outlier dimensions), then their top `dim` principal components,
+    scaled to unit variance overall. Row 0 (padding) stays 0. [num_items + 1, min(dim, rank)]"""
+    emb = item_emb.float()
+    emb = (emb - emb[1:].mean(0)) / (emb[1:].std(0) + 1e-6)
+    emb[0] = 0
+    _, singular, components = torch.linalg.svd(emb[1:], full_matrices=False)
+    keep = min(dim, int((singular > singular[0] * 1e-4).sum()))  # drop null directions (one-hot categories have k-1)
+    features = emb @ components[:keep].T
+    return features / features[1:].std()
+
+
+FUSIONS = ("init", "add", "align")
+
+
+class ItemEmbedding(nn.Module):
+    """The item table of a sequential model. Without `features` a plain learned ID embedding; with them (from
+    llm_features: the LLM-enhanced embeddings, or a control), fused in one of three ways:
+      init:  the ID embedding starts from the features (scaled to the usual init), then trains freely;
+      add:   ID embedding + a learned linear map of the frozen features at every step (the map starts at 0);
+      align: a free ID embedding, plus `align_weight` x the mean squared distance between each item's ID
+             embedding and a learned linear map of its frozen features, added to the loss: items seen rarely
+             are pulled toward what the features say of them, frequent ones follow their data.
+    Vanilla and enhanced runs draw the same random ID embedding for the same seed."""
+
+    def __init__(self, num_items, dim, features=None, fuse="init", align_weight=1.0):
+        super().__init__()
+        self.id_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        nn.init.normal_(self.id_emb.weight, std=dim ** -0.5)
+        self.fuse, self.align_weight = fuse if features is not None else None, align_weight
+        if self.fuse == "init":
+            with torch.no_grad():  # columns past the features' rank keep their random start
+                self.id_emb.weight[:, :features.shape[1]] = features * dim ** -0.5
+        elif self.fuse in ("add", "align"):
+            # The map draws no random numbers, so the rest of the model starts as the vanilla run's does.
+            # add: it starts at 0 (the plain ID table); align: at the init-scaled features.
+            self.register_buffer("features", features)
+            self.proj = nn.Parameter(torch.eye(features.shape[1], dim) * dim ** -0.5 * (fuse == "align"))
+
+    def table(self):
+        if self.fuse == "add":
+            return self.id_emb.weight + self.features @ self.proj
+        return self.id_emb.weight
+
+    def regulariser(self):
+        if self.fuse != "align":
+            return self.id_emb.weight.new_zeros(())
+        return self.align_weight * (self.id_emb.weight[1:] - self.features[1:] @ self.proj).pow(2).sum(1).mean()
 
 
 class SASRecBlock(nn.Module):
@@ -367,49 +425,14 @@ class SASRecBlock(nn.Module):
         return x + self.drop(self.ffn(self.ln_ffn(x)))
 
 
-class LLMItemEmbedding(nn.Module):
-    """Item embedding table for a 'future SRS model', from the frozen LLM-enhanced embeddings of 04_embed.py:
-      init: the learned ID embedding starts from the LLM embeddings' top principal components (scaled to
-            the usual init), then trains freely;
-      add:  learned ID embedding + learned projection of the frozen LLM embeddings, at every step.
-    Without `llm_item_emb` it is a plain ID embedding, so vanilla and enhanced differ in nothing else."""
-
-    def __init__(self, num_items, dim, llm_item_emb=None, fuse="init"):
-        super().__init__()
-        self.id_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
-        nn.init.normal_(self.id_emb.weight, std=dim ** -0.5)
-        self.llm_proj = None
-        if llm_item_emb is None:
-            return
-        # Standardise each dimension over items: LLM hidden states carry a few huge outlier dimensions.
-        emb = llm_item_emb.float()
-        emb = (emb - emb[1:].mean(0)) / (emb[1:].std(0) + 1e-6)
-        emb[0] = 0
-        if fuse == "init":
-            components = torch.linalg.svd(emb[1:], full_matrices=False)[2][:dim]
-            start = emb @ components.T
-            with torch.no_grad():
-                self.id_emb.weight.copy_(start / start[1:].std() * dim ** -0.5)
-        else:
-            self.register_buffer("llm_emb", emb)
-            self.llm_proj = nn.Linear(emb.shape[1], dim, bias=False)
-            nn.init.normal_(self.llm_proj.weight, std=(dim * emb.shape[1]) ** -0.5)
-
-    def table(self):
-        table = self.id_emb.weight
-        if self.llm_proj is not None:
-            table = table + self.llm_proj(self.llm_emb)
-        return table
-
-
 class SASRec(nn.Module):
     """SASRec: item + learned position embeddings, causal self-attention blocks, dot-product scores
-    against the (shared) item embedding table."""
+    against the (shared) item embedding table `items` (an ItemEmbedding)."""
 
-    def __init__(self, num_items, dim=64, num_blocks=2, num_heads=1, maxlen=50, dropout=0.5, llm_item_emb=None,
-                 fuse="init"):
+    def __init__(self, items, maxlen=50, num_blocks=2, num_heads=1, dropout=0.5):
         super().__init__()
-        self.items = LLMItemEmbedding(num_items, dim, llm_item_emb, fuse)
+        dim = items.id_emb.embedding_dim
+        self.items = items
         self.pos_emb = nn.Embedding(maxlen, dim)
         self.emb_drop = Dropout(dropout)
         self.blocks = nn.ModuleList(SASRecBlock(dim, num_heads, dropout) for _ in range(num_blocks))
@@ -419,7 +442,8 @@ class SASRec(nn.Module):
         return self.items.table()
 
     def forward(self, seq, table=None):
-        """seq: [B, L] left-padded item ids -> hidden states [B, L, dim] (position t predicts item t+1)."""
+        """seq: [B, L] left-padded item ids -> hidden states [B, L, dim] (position t predicts item t+1).
+        Padding changes nothing at real positions, so a batch may carry any number of padding columns."""
         table = self.item_table() if table is None else table
         L = seq.shape[1]
         real = seq > 0
@@ -434,6 +458,57 @@ class SASRec(nn.Module):
         return self.ln_out(x)
 
 
+# ----------------------------------------------------------------------------- training several runs as one
+
+class HiddenTableLoss(nn.Module):
+    """What one training step needs from a sequential model: hidden states, the item table and any extra loss."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, seq):
+        table = self.model.item_table()
+        return self.model(seq, table), table, self.model.items.regulariser()
+
+
+class RunGroup:
+    """Several runs of one model structure (say SASRec vanilla and enhanced, three seeds each) held as one:
+    their parameters are stacked (torch.func.stack_module_state) and a single vmap-ed call runs them all, so a
+    GPU launches one kernel where it would launch one per run. Each run keeps its own initial weights, and
+    train_recommender gives each its own seed and batches; one Adam over the stacked tensors is one Adam per
+    run (it works element by element)."""
+
+    def __init__(self, models, device):
+        from torch.func import stack_module_state
+        self.models, self.runs = models, len(models)
+        wrapped = [HiddenTableLoss(m).to(device) for m in models]
+        self.params, self.buffers = stack_module_state(wrapped)
+        self.template = copy.deepcopy(wrapped[0]).to("meta")
+
+    def train(self, mode=True):
+        self.template.train(mode)
+
+    def __call__(self, seq, shared_input=False):
+        """seq: [runs, B, L] (or [B, L] for every run with `shared_input`) -> hidden [runs, B, L, D],
+        tables [runs, items + 1, D], extra losses [runs]. Dropout draws differ between runs."""
+        from torch.func import functional_call, vmap
+
+        def one_run(params, buffers, run_seq):
+            return functional_call(self.template, (params, buffers), (run_seq,))
+        return vmap(one_run, in_dims=(0, 0, None if shared_input else 0), randomness="different")(
+            self.params, self.buffers, seq)
+
+    def run_state(self, run):
+        """Run `run`'s parameters, as its own model's state_dict names them."""
+        return {name.removeprefix("model."): p[run].detach().clone() for name, p in self.params.items()}
+
+    @torch.no_grad()
+    def load_run_state(self, run, state):
+        for name, p in self.params.items():
+            p[run].copy_(state[name.removeprefix("model.")])
+
+
 def similar_length_batches(lengths, batch_size, generator, pool=50):
     """Random batches of users of similar length: shuffle, sort each pool of `pool` batches by length, cut
     it into batches, shuffle the batches. A fully random batch almost always holds one user with 50 items,
@@ -444,97 +519,194 @@ def similar_length_batches(lengths, batch_size, generator, pool=50):
     return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
 
 
+def stack_batches(inputs, targets, lengths, batches, shape=None):
+    """One step's batches, one per run, as one [runs, B, L] tensor: cut to the longest user of any run and
+    padded with empty users (padding changes nothing at real positions), or padded to the fixed `shape`
+    (B, L). Also, per run, the flat positions that have a target and those targets, padded with target 0
+    (which scores nothing) to the longest run; with `shape`, every position, in a fixed order.
+    Built on the CPU from CPU tensors: nothing here waits for the GPU."""
+    width = shape[1] if shape else max(1, max(int(lengths[b].max()) for b in batches))
+    seq = torch.zeros(len(batches), shape[0] if shape else max(len(b) for b in batches), width, dtype=torch.long)
+    tgt = torch.zeros_like(seq)
+    for run, b in enumerate(batches):
+        seq[run, :len(b)], tgt[run, :len(b)] = inputs[b, -width:], targets[b, -width:]
+    flat = tgt.flatten(1)
+    if shape:
+        return seq, torch.arange(flat.shape[1]).expand(len(batches), -1), flat
+    where = [row.nonzero().squeeze(1) for row in flat > 0]  # row-major, as hidden[real] would take them
+    positions = torch.zeros(len(batches), max(1, max(len(w) for w in where)), dtype=torch.long)
+    row_targets = torch.zeros_like(positions)
+    for run, w in enumerate(where):
+        positions[run, :len(w)], row_targets[run, :len(w)] = w, flat[run, w]
+    return seq, positions, row_targets
+
+
 def matmul_dtype(device):
     """bf16 where matmuls run natively in it (CUDA, or a CPU with AVX512-BF16), else fp32."""
     return torch.bfloat16 if device.type == "cuda" or torch.cpu._is_avx512_bf16_supported() else torch.float32
 
 
 class FullSoftmaxCE(torch.autograd.Function):
-    """Summed cross-entropy of the scores `hidden @ table.T` against every item. That [positions x items]
-    score matrix is nearly all the cost of a SASRec step, so it is handled by hand:
+    """Per run, the summed cross-entropy of the scores `hidden @ table.T` against every item; hidden [runs, P, D],
+    table [runs, items + 1, D], targets [runs, P] (0: a padding row, which scores nothing). That
+    [positions x items] score matrix is nearly all the cost of a SASRec step, so it is handled by hand:
     - the backward turns the saved log-probabilities into the score gradient (softmax - one-hot) in place,
       where autograd's log_softmax + nll_loss would sweep and copy the matrix several more times;
-    - rows go in chunks of CHUNK: small blocks are reused by malloc, while a whole-batch block (tens of MB)
-      is mapped and page-faulted afresh at every step, which cost a third of the CPU time;
+    - rows go in chunks (256 on the CPU): small blocks are reused by malloc, while a whole-batch block (tens
+      of MB) is mapped and page-faulted afresh at every step, which cost a third of the CPU time;
     - matmuls run in `dtype` (bf16 where the hardware has it), the softmax in fp32."""
-    CHUNK = 256
 
     @staticmethod
     def forward(ctx, hidden, table, targets, dtype):
-        h, t = hidden.to(dtype), table.to(dtype)
-        ctx.log_probs = [(rows @ t.T).float().log_softmax(-1) for rows in h.split(FullSoftmaxCE.CHUNK)]
+        real = (targets > 0)[..., None]
+        h, t = (hidden * real).to(dtype), table.to(dtype)  # padding rows are 0: no gradient reaches the table
+        chunk = 256 if h.device.type == "cpu" else 4096
+        ctx.log_probs = [torch.bmm(rows, t.transpose(1, 2)).float().log_softmax(-1) for rows in h.split(chunk, 1)]
+        ctx.chunk = chunk
         ctx.save_for_backward(h, t, targets)
-        picked = [lp.gather(1, tgt[:, None]) for lp, tgt in zip(ctx.log_probs, targets.split(FullSoftmaxCE.CHUNK))]
-        return -torch.cat(picked).sum()
+        picked = torch.cat([lp.gather(2, tgt[..., None]) for lp, tgt in zip(ctx.log_probs, targets.split(chunk, 1))], 1)
+        return -(picked * real).sum((1, 2))
 
     @staticmethod
     def backward(ctx, grad):
         h, t, targets = ctx.saved_tensors
         grad_h, grad_t = [], torch.zeros(t.shape, device=t.device)
-        chunks = zip(ctx.log_probs, h.split(FullSoftmaxCE.CHUNK), targets.split(FullSoftmaxCE.CHUNK))
-        for log_probs, rows, tgt in chunks:
+        for log_probs, rows, tgt in zip(ctx.log_probs, h.split(ctx.chunk, 1), targets.split(ctx.chunk, 1)):
             grad_scores = log_probs.exp_()  # in place: nothing else reads the log-probabilities
-            grad_scores[torch.arange(len(tgt)), tgt] -= 1
+            grad_scores.scatter_add_(2, tgt[..., None], grad_scores.new_full((*tgt.shape, 1), -1.0))
             grad_scores = grad_scores.to(h.dtype)
-            grad_h.append(grad_scores @ t)
-            grad_t += grad_scores.T @ rows
+            grad_h.append(torch.bmm(grad_scores, t) * (tgt > 0)[..., None])
+            grad_t += torch.bmm(grad_scores.transpose(1, 2), rows)
         del ctx.log_probs
-        return torch.cat(grad_h).float() * grad, grad_t * grad, None, None
+        scale = grad[:, None, None]
+        return torch.cat(grad_h, 1).float() * scale, grad_t * scale, None, None
 
 
-def train_recommender(model, sequences, args, device, desc, checkpoint=None, settings=None):
-    """Full-softmax next-item training over all positions, model selection by validation NDCG@10,
-    test metrics of the best epoch. Works for any model with forward(seq) -> [B, L, D] and item_table().
-    With `checkpoint` (a path), every epoch saves model, optimiser, RNG and progress there, and a rerun
+def training_step(group, opt, dtype, positions_per_batch):
+    """One optimiser step of every run of `group` on stacked batches; returns each run's loss."""
+    def step(seq, positions, row_targets):
+        hidden, table, extra = group(seq)
+        rows = hidden.flatten(1, 2).gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        loss = FullSoftmaxCE.apply(rows, table, row_targets, dtype) / positions_per_batch + extra
+        opt.zero_grad(set_to_none=False)  # a captured graph keeps its gradient buffers
+        loss.sum().backward()  # the runs share no parameter: each gets exactly its own gradient
+        opt.step()
+        return loss.detach()
+    return step
+
+
+def cuda_graph(step, example, group, opt):
+    """On a GPU a step of these small models is mostly kernel launches, so the whole step (forward, loss,
+    backward, Adam) is captured once as a CUDA graph and replayed: the returned function copies a step's
+    inputs (always of `example`'s shape) into the graph's buffers and replays it. Capture needs a few eager
+    warm-up steps first; parameters and optimiser state are put back afterwards, so they leave no trace."""
+    static = [t.clone() for t in example]
+    params = {name: p.detach().clone() for name, p in group.params.items()}
+    fresh = not opt.state
+    saved = [[t.clone() for t in state.values()] for state in opt.state.values()]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.no_grad():
+        for name, p in group.params.items():
+            p.copy_(params[name])
+        for i, state in enumerate(opt.state.values()):  # in place: the graph reads these very tensors
+            for j, t in enumerate(state.values()):
+                t.zero_() if fresh else t.copy_(saved[i][j])
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step(*static)
+
+    def replay(*inputs):
+        for buffer, t in zip(static, inputs):
+            buffer.copy_(t, non_blocking=True)
+        graph.replay()
+        return loss.clone()
+    return replay
+
+
+def train_recommender(models, seeds, sequences, args, device, desc, checkpoint=None, settings=None):
+    """Full-softmax next-item training over all positions, model selection by validation NDCG@10, test ranks of
+    the best epoch; for several runs of one model structure at once (`models`, one seed each: a RunGroup),
+    each with exactly the batches, initial weights and selection it would have alone. Works for any model
+    with forward(seq, table) -> [B, L, D], item_table() and items.regulariser(). Returns one result per run.
+    With `checkpoint` (a path), every epoch saves parameters, optimiser, RNGs and progress there, and a rerun
     resumes from it: on CPU, an interrupted and resumed run ends exactly where an uninterrupted one does."""
-    seed_everything(args.seed)
-    model.to(device)
+    seed_everything(seeds[0])  # the dropout draws
+    group = RunGroup(models, device)
     inputs, targets = train_tensors(sequences, args.maxlen)
     lengths = (inputs > 0).sum(1)
+    valid, test = eval_split(sequences, "valid", args.maxlen), eval_split(sequences, "test", args.maxlen)
+    # On a GPU every step has one shape (padding changes nothing at real positions), so that it can run as a
+    # CUDA graph; on a CPU each step is cut to its longest user, which saves real work there.
+    graphed = device.type == "cuda" and not args.no_cuda_graph
+    shape = (args.batch_size, args.maxlen) if graphed else None
+    opt = torch.optim.Adam(group.params.values(), lr=args.lr, weight_decay=args.weight_decay, fused=graphed,
+                           capturable=graphed)
+    gens = [torch.Generator().manual_seed(seed) for seed in seeds]
+    best, history = resume(checkpoint, settings, args.force, gens, group, opt, len(seeds))
     # Batches are grouped by length, so they hold very different numbers of positions: dividing each
     # batch's summed loss by one constant (not by its own count) keeps every position's weight equal.
     positions_per_batch = (targets > 0).sum().item() / math.ceil(len(inputs) / args.batch_size)
-    dtype = matmul_dtype(device)
-    valid = eval_split(sequences, "valid", args.maxlen)
-    test = eval_split(sequences, "test", args.maxlen)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    gen = torch.Generator().manual_seed(args.seed)
-    best = {"valid": {"NDCG@10": -1.0}}
-    history = []
-    resumed = load_checkpoint(checkpoint, settings, args.force, gen) if checkpoint else None
-    if resumed:
-        model.load_state_dict(resumed["model"])
-        opt.load_state_dict(resumed["optimizer"])
-        best, history = resumed["best"], resumed["history"]
-    bar = tqdm(range(len(history) + 1, args.epochs + 1), desc=desc, leave=False, initial=len(history), total=args.epochs)
+    group.train()
+    step = training_step(group, opt, matmul_dtype(device), positions_per_batch)
+    if graphed:
+        example = stack_batches(inputs, targets, lengths, [torch.arange(min(args.batch_size, len(inputs)))] * len(seeds), shape)
+        step = cuda_graph(step, [t.to(device) for t in example], group, opt)
+    bar = tqdm(range(len(history[0]) + 1, args.epochs + 1), desc=desc, leave=False, initial=len(history[0]),
+               total=args.epochs)
     for epoch in bar:
-        model.train()
-        start, total_loss = time.time(), torch.zeros((), device=device)
-        for idx in similar_length_batches(lengths, args.batch_size, gen):
-            seq, tgt = trim_padding(inputs[idx].to(device), targets[idx].to(device))
-            table = model.item_table()
-            hidden = model(seq, table)
-            real = tgt > 0  # score only positions with a real target: most of a batch is padding
-            loss = FullSoftmaxCE.apply(hidden[real], table, tgt[real], dtype) / positions_per_batch
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total_loss += loss.detach()
-        train_time = time.time() - start
-        metrics = evaluate(model, *valid, device, masked=False)  # masked metrics only for the test split
-        history.append({"epoch": epoch, "loss": total_loss.item(), "train_s": train_time,
-                        "valid_s": time.time() - start - train_time, "valid": metrics})
-        if metrics["NDCG@10"] > best["valid"]["NDCG@10"]:
-            best = {"epoch": epoch, "valid": metrics, "state": copy.deepcopy(model.state_dict())}
-        bar.set_postfix(loss=f"{total_loss.item():.1f}", ndcg10=f"{metrics['NDCG@10']:.4f}", s=f"{train_time:.1f}")
+        group.train()
+        start, losses = time.time(), torch.zeros(group.runs, device=device)
+        for batches in zip(*(similar_length_batches(lengths, args.batch_size, gen) for gen in gens)):
+            losses += step(*(t.to(device, non_blocking=True) for t in stack_batches(inputs, targets, lengths, batches, shape)))
+        record = {"epoch": epoch, "train_s": time.time() - start}
+        keep_best(group, valid, device, losses, record, best, history)
+        bar.set_postfix(ndcg10=" ".join(f"{h[-1]['valid']['NDCG@10']:.4f}" for h in history), s=f"{record['train_s']:.1f}")
         if checkpoint:
-            save_checkpoint(checkpoint, settings, epoch, gen, model=model.state_dict(), optimizer=opt.state_dict(),
-                            best=best, history=history)
-    model.load_state_dict(best["state"])
-    test_metrics = evaluate(model, *test, device)
-    epoch_s = sum(h["train_s"] for h in history) / len(history)
-    return {"best_epoch": best["epoch"], "valid": best["valid"], "test": test_metrics,
-            "train_s_per_epoch": epoch_s, "history": history}
+            save_checkpoint(checkpoint, settings, epoch, gens, params={k: v.detach() for k, v in group.params.items()},
+                            optimizer=opt.state_dict(), best=best, history=history)
+    return test_best(group, models, test, device, best, history)
+
+
+def resume(checkpoint, settings, force, gens, group, opt, runs):
+    """(best, history) per run: empty, or restored with the parameters and optimiser from an epoch checkpoint."""
+    resumed = load_checkpoint(checkpoint, settings, force, gens) if checkpoint else None
+    if not resumed:
+        return [{"valid": {"NDCG@10": -1.0}} for _ in range(runs)], [[] for _ in range(runs)]
+    with torch.no_grad():
+        for name, p in group.params.items():
+            p.copy_(resumed["params"][name])
+    opt.load_state_dict(resumed["optimizer"])
+    return resumed["best"], resumed["history"]
+
+
+def keep_best(group, valid, device, losses, record, best, history):
+    """Score every run on the validation split (masked metrics only for the test split), log the epoch, and
+    keep a run's weights whenever its NDCG@10 is the best so far."""
+    start = time.time()
+    valid_ranks, _ = evaluate(group, *valid, device, masked=False)
+    for run, ranks in enumerate(valid_ranks):
+        metrics = rank_metrics(ranks)
+        history[run].append({**record, "loss": losses[run].item(), "valid_s": time.time() - start, "valid": metrics})
+        if metrics["NDCG@10"] > best[run]["valid"]["NDCG@10"]:
+            best[run] = {"epoch": record["epoch"], "valid": metrics, "state": group.run_state(run)}
+
+
+def test_best(group, models, test, device, best, history):
+    """Put every run's best weights back (in the group and in its own model) and rank the test split."""
+    for run, model in enumerate(models):
+        group.load_run_state(run, best[run]["state"])
+        model.load_state_dict({**model.state_dict(), **best[run]["state"]})
+    test_ranks, masked_ranks = evaluate(group, *test, device)
+    return [{"best_epoch": best[run]["epoch"], "valid": best[run]["valid"],
+             "test": {**rank_metrics(test_ranks[run]), **{f"masked_{k}": v for k, v in rank_metrics(masked_ranks[run]).items()}},
+             "test_ranks": test_ranks[run], "train_s_per_epoch": sum(h["train_s"] for h in history[run]) / len(history[run]),
+             "history": history[run]} for run in range(group.runs)]
 
 
 def add_train_args(parser, epochs, lr=1e-3):
@@ -546,6 +718,8 @@ def add_train_args(parser, epochs, lr=1e-3):
     parser.add_argument("--maxlen", type=int, default=50, help="most recent items the model reads")
     parser.add_argument("--dim", type=int, default=64, help="embedding size")
     parser.add_argument("--dropout", type=float, default=0.5, help="dropout rate")
+    parser.add_argument("--no-cuda-graph", action="store_true",
+                        help="on a GPU, run each step eagerly (cut to its longest user) instead of replaying one CUDA graph")
 
 
 def format_metrics(m, prefix=""):
@@ -578,11 +752,13 @@ def candidate_rank(scores, target_index):
 
 
 def load_sasrec(path, num_items):
-    """A trained SASRec (teacher.pt or student.pt) in eval mode, rebuilt from the settings saved with it."""
+    """A trained SASRec (teacher.pt or student.pt) in eval mode, rebuilt from the settings saved with it. The
+    item table is stored whole (whatever fusion made it), so a plain ID table holds it."""
     state = torch.load(path, map_location="cpu")
     a = state["args"]
-    model = SASRec(num_items, a["dim"], a.get("blocks", 2), a.get("heads", 1), a["maxlen"], a["dropout"])
-    model.load_state_dict(state["state"])
+    model = SASRec(ItemEmbedding(num_items, a["dim"]), a["maxlen"], a.get("blocks", 2), a.get("heads", 1), a["dropout"])
+    weights = {k: v for k, v in state["state"].items() if not k.startswith("items.")}
+    model.load_state_dict({**weights, "items.id_emb.weight": state["item_emb"]})
     return model.eval()
 
 
@@ -658,35 +834,52 @@ def llm_fingerprint(llm):
     return os.path.join(os.path.abspath(path), gguf_file or "")
 
 
+ITEM_REPRS = ("text", "code", "item-token", "teacher-token")
+
+
+class Prompt(NamedTuple):
+    """One prompt: token ids, item slots (the item ID where an item token stands, else 0) and the position of
+    each item's last token (where 03_sft.py's per-prefix loss reads the LLM)."""
+    ids: list
+    slots: list
+    item_ends: list
+
+
 class PromptBuilder:
-    """Turns an item sequence into (token ids, item slots). Items are known only by their IDs, entered
-    either as plain text (' 123,') or as one new token per item whose embedding starts from the teacher's
-    ID embedding (`item_repr='token'`). The same template serves a whole user (03_sft) and one item (04_embed)."""
+    """Turns an item sequence into a Prompt. Items are known only by their IDs, entered in one of four ways
+    (`item_repr`): 'text', the ID written out in digits (' 123,'); 'code', a fixed-width zero-padded code
+    (' 00123,': every item the same number of tokens); 'item-token', one new token per item whose input
+    embedding is learned from scratch; 'teacher-token', one new token per item whose embedding is a learned
+    projection of the teacher's ID embedding (the LLM is handed the teacher's view of the item).
+    The same template serves a whole user (03_sft) and one item (04_embed)."""
 
     PREFIX = "A shopper's items, oldest first:"
     SUFFIX = ". The categories these items belong to:"
 
-    def __init__(self, tokenizer, item_repr):
+    def __init__(self, tokenizer, item_repr, num_items):
         self.tokenizer, self.item_repr = tokenizer, item_repr
+        self.code_width = len(str(num_items))
         self.prefix = tokenizer(self.PREFIX, add_special_tokens=False).input_ids
         self.suffix = tokenizer(self.SUFFIX, add_special_tokens=False).input_ids
         self.item_text_cache = {}
 
     def item_tokens(self, item):
-        if self.item_repr == "token":
+        if self.item_repr.endswith("token"):
             return [0], [item]  # placeholder id; LoRALLM swaps in the item's own embedding
         if item not in self.item_text_cache:
-            self.item_text_cache[item] = self.tokenizer(f" {item},", add_special_tokens=False).input_ids
+            text = f" {item:0{self.code_width}d}," if self.item_repr == "code" else f" {item},"
+            self.item_text_cache[item] = self.tokenizer(text, add_special_tokens=False).input_ids
         ids = self.item_text_cache[item]
         return ids, [0] * len(ids)
 
     def __call__(self, items):
-        ids, slots = list(self.prefix), [0] * len(self.prefix)
+        ids, slots, item_ends = list(self.prefix), [0] * len(self.prefix), []
         for item in items:
             item_ids, item_slots = self.item_tokens(item)
             ids += item_ids
             slots += item_slots
-        return ids + self.suffix, slots + [0] * len(self.suffix)
+            item_ends.append(len(ids) - 1)
+        return Prompt(ids + self.suffix, slots + [0] * len(self.suffix), item_ends)
 
 
 def token_batches(lengths, max_tokens, shuffle, generator=None):
@@ -721,12 +914,12 @@ class PackedPrompts(NamedTuple):
 
 
 def pack_prompts(prompts, device):
-    """Pack (ids, slots) pairs into one row: no token is padding, so no FLOP is spent on it; `packed_attention`
+    """Pack Prompts into one row: no token is padding, so no FLOP is spent on it; `packed_attention`
     keeps each prompt to itself. On the GPU the copy is asynchronous (pinned memory), so building the next
     batch on the CPU overlaps the current step instead of waiting for it."""
-    lengths = [len(ids) for ids, _ in prompts]
-    ids = torch.tensor([t for p_ids, _ in prompts for t in p_ids]).unsqueeze(0)
-    slots = torch.tensor([s for _, p_slots in prompts for s in p_slots]).unsqueeze(0)
+    lengths = [len(p.ids) for p in prompts]
+    ids = torch.tensor([t for p in prompts for t in p.ids]).unsqueeze(0)
+    slots = torch.tensor([s for p in prompts for s in p.slots]).unsqueeze(0)
     positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
     bounds = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     tensors = (ids, slots, positions, bounds)
@@ -760,60 +953,78 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, bo
 
 
 class LoRALLM(nn.Module):
-    """A causal LLM with LoRA adapters (PEFT), optional item tokens, and a linear head that maps the final
-    hidden state of the prompt's last token to a distribution over `num_outputs` classes: the k latent
-    categories (P2Rec's user-level SFT) or all items (the instance-level baseline)."""
+    """A causal LLM with LoRA adapters (PEFT), optional item tokens, and a linear head that maps a final hidden
+    state to a distribution over `num_outputs` classes: the k latent categories (P2Rec's user-level SFT) or all
+    items (the instance-level baseline). Item tokens (`item_repr` 'item-token' / 'teacher-token') need
+    `num_items` / `teacher_item_emb`."""
 
     def __init__(self, base, num_outputs, lora_r=8, lora_alpha=16, lora_dropout=0.05,
-                 target_modules=("q_proj", "v_proj"), teacher_item_emb=None, adapter_dir=None):
+                 target_modules=("q_proj", "v_proj"), item_repr="text", num_items=None, teacher_item_emb=None,
+                 adapter_dir=None):
         super().__init__()
         from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import AttentionInterface
         AttentionInterface.register("packed", packed_attention)
         base.set_attn_implementation("packed")  # batches come packed (pack_prompts), with no padding
         if adapter_dir is None:
-            config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                target_modules=list(target_modules))
+            targets = target_modules if target_modules == "all-linear" else list(target_modules)
+            config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
             # LoRA weights in the base's dtype (bf16 on the GPU): PEFT's default fp32 adapters make every
-            # q/v input take an fp32 copy, which costs more than the rank-8 matmuls themselves.
+            # adapted input take an fp32 copy, which costs more than the low-rank matmuls themselves.
             self.llm = get_peft_model(base, config, autocast_adapter_dtype=False)
         else:
             self.llm = PeftModel.from_pretrained(base, adapter_dir, autocast_adapter_dtype=False)
         hidden = base.config.hidden_size
-        self.item_proj = None
-        if teacher_item_emb is not None:
-            # One new token per item: its input embedding is a learned projection of the teacher's ID
-            # embedding, scaled to look like an ordinary token embedding to the LLM.
+        token_std = base.get_input_embeddings().weight.float().std().item()
+        self.item_repr, self.item_emb, self.item_proj = item_repr, None, None
+        if item_repr == "item-token":
+            # One new token per item, learned from scratch: the LLM must learn each item from the SFT alone.
+            self.item_emb = nn.Embedding(num_items + 1, hidden)
+            nn.init.normal_(self.item_emb.weight, std=token_std)
+        elif item_repr == "teacher-token":
+            # One new token per item: a learned projection of the teacher's ID embedding, scaled to look like an
+            # ordinary token embedding to the LLM.
             emb = teacher_item_emb.float()
             emb = (emb - emb[1:].mean(0)) / (emb[1:].std(0) + 1e-6)
             self.register_buffer("teacher_emb", emb)
             self.item_proj = nn.Linear(emb.shape[1], hidden)
-            token_std = base.get_input_embeddings().weight.float().std().item()
             nn.init.normal_(self.item_proj.weight, std=token_std / math.sqrt(emb.shape[1]))
             nn.init.zeros_(self.item_proj.bias)
         self.head = nn.Linear(hidden, num_outputs)  # fp32, like the LoRA weights PEFT adds to a bf16 base
 
     def input_embeddings(self, ids, slots):
         embeds = self.llm.get_input_embeddings()(ids)
-        if self.item_proj is None:
+        if self.item_emb is not None:
+            item_embeds = self.item_emb(slots)
+        elif self.item_proj is not None:
+            item_embeds = self.item_proj(self.teacher_emb[slots])
+        else:
             return embeds
-        item_embeds = self.item_proj(self.teacher_emb[slots]).to(embeds.dtype)
-        return torch.where((slots > 0)[..., None], item_embeds, embeds)
+        return torch.where((slots > 0)[..., None], item_embeds.to(embeds.dtype), embeds)
 
-    def hidden(self, batch):
-        """Final hidden state at each prompt's last token: [prompts, hidden_size]. `batch`: pack_prompts' output."""
+    def hidden_states(self, batch):
+        """Final hidden state of every token: [tokens, hidden_size]. `batch`: pack_prompts' output."""
         out = self.llm(inputs_embeds=self.input_embeddings(batch.ids, batch.slots), position_ids=batch.positions,
                        bounds=batch.bounds, longest=batch.longest, use_cache=False)  # the last two go to packed_attention
-        return out.last_hidden_state[0, batch.bounds[1:] - 1]
+        return out.last_hidden_state[0]
 
-    def forward(self, batch):
-        """Log-probabilities over the head's classes: [prompts, num_outputs]."""
-        return F.log_softmax(self.head(self.hidden(batch).float()), dim=-1)
+    def hidden(self, batch):
+        """Final hidden state at each prompt's last token: [prompts, hidden_size]."""
+        return self.hidden_states(batch)[batch.bounds[1:] - 1]
+
+    def forward(self, batch, positions=None):
+        """Log-probabilities over the head's classes at each prompt's last token ([prompts, num_outputs]); with
+        `positions` (indices into the packed row), also at those tokens ([positions, num_outputs])."""
+        states = self.hidden_states(batch)
+        last = F.log_softmax(self.head(states[batch.bounds[1:] - 1].float()), dim=-1)
+        if positions is None:
+            return last
+        return last, F.log_softmax(self.head(states[positions].float()), dim=-1)
 
     def trainable_state(self):
-        """The non-LoRA trainable parts (head, item projection); the adapter is saved with save_pretrained."""
-        return {"head": self.head.state_dict(),
-                "item_proj": None if self.item_proj is None else self.item_proj.state_dict()}
+        """The non-LoRA trainable parts (head, item tokens); the adapter is saved with save_pretrained."""
+        return {name: None if part is None else part.state_dict()
+                for name, part in (("head", self.head), ("item_emb", self.item_emb), ("item_proj", self.item_proj))}
 
 
 def compile_blocks(llm):
@@ -832,15 +1043,14 @@ def preference_kl(log_pred, prior):
 
 
 def load_tuned_llm(args, device):
-    """Rebuild 03_sft.py's tuned LLM (base + saved adapter + head + item projection) for 04_embed.py."""
+    """Rebuild 03_sft.py's tuned LLM (base + saved adapter + head + item tokens) for 04_embed.py."""
     sft_dir = stage_dir(args)
     state_path = require(os.path.join(sft_dir, "sft_head.pt"), f"python 03_sft.py --data {args.data}")
     state = torch.load(state_path, map_location="cpu")
     base, tokenizer = load_llm(state["args"]["llm"], device)
-    teacher_emb = state["teacher_item_emb"] if state["args"]["item_repr"] == "token" else None
-    model = LoRALLM(base, state["num_outputs"], teacher_item_emb=teacher_emb,
-                    adapter_dir=os.path.join(sft_dir, "sft_adapter"))
-    model.head.load_state_dict(state["trainable"]["head"])
-    if model.item_proj is not None:
-        model.item_proj.load_state_dict(state["trainable"]["item_proj"])
+    model = LoRALLM(base, state["num_outputs"], item_repr=state["args"]["item_repr"], num_items=state["num_items"],
+                    teacher_item_emb=state["teacher_item_emb"], adapter_dir=os.path.join(sft_dir, "sft_adapter"))
+    for name, part in state["trainable"].items():
+        if part is not None:
+            getattr(model, name).load_state_dict(part)
     return model.to(device).eval(), tokenizer, state

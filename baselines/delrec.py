@@ -161,7 +161,7 @@ def candidate_metrics(scores, target_index):
     return out
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, llm=True)
     parser.add_argument("--virtual-tokens", type=int, default=20, help="soft prompt length (the paper: 100)")
@@ -182,6 +182,60 @@ def main():
         raise UserError(f"--test-users must be 0 (all) or more, got {args.test_users}")
     if args.candidates < 11:
         raise UserError(f"--candidates must be at least 11 (the teacher's top-10 and one more), got {args.candidates}")
+    return args
+
+
+def stage1_samples(seqs, users, prompts, teacher, num_items, candidates, rng):
+    """Temporal Analysis (name the item in a gap) and Recommendation Pattern Simulating (name the teacher's
+    top-1 among its top-10 and random unseen items), one of each per training user."""
+    temporal, simulated = [], []
+    for u in users:
+        train_part = split_user(seqs[u])[0]
+        if len(train_part) < 3:
+            continue
+        temporal.append((prompts.temporal(train_part[:-2], train_part[-1]), prompts.name_ids(train_part[-2])))
+        scores = sasrec_scores(teacher, train_part, list(range(num_items + 1)))
+        scores[0] = float("-inf")
+        top = scores.topk(10).indices.tolist()  # the teacher's top-10; its top-1 is the answer
+        cands = top + random_unseen(set(top) | set(seqs[u]), candidates - 10, num_items, rng)
+        rng.shuffle(cands)
+        simulated.append((prompts.ranking(train_part, cands, "The sequential model recommends"), prompts.name_ids(top[0])))
+    return temporal, simulated
+
+
+def stage2_samples(seqs, users, prompts, num_items, candidates, rng):
+    """Name the true next item of a user's train split among `candidates` items."""
+    recs = []
+    for u in users:
+        train_part = split_user(seqs[u])[0]
+        if len(train_part) < 2:
+            continue
+        cands = candidate_set(set(seqs[u]), train_part[-1], num_items, candidates, rng)
+        recs.append((prompts.ranking(train_part[:-1], cands), prompts.name_ids(train_part[-1])))
+    return recs
+
+
+def test_systems(systems, model, prompts, seqs, test_users, num_items, args, device):
+    """Every system ranks the same candidate sets (they depend on the seed only): mean metrics per system."""
+    totals = {name: {} for name, m in systems.items() if m is not None}
+    test_rng = random.Random(args.seed + 1)
+    for u in tqdm(test_users, desc="test", leave=False):
+        history, target = seqs[u][:-1], seqs[u][-1]
+        cands = candidate_set(set(seqs[u]), target, num_items, args.candidates, test_rng)
+        for name, m in systems.items():
+            if m is None:
+                continue
+            if m is model:
+                scores = model.score(prompts.ranking(history, cands), [prompts.name_ids(c) for c in cands], device)
+            else:
+                scores = sasrec_scores(m, history, cands)
+            for k, v in candidate_metrics(scores, cands.index(target)).items():
+                totals[name][k] = totals[name].get(k, 0.0) + v
+    return {name: {k: v / len(test_users) for k, v in t.items()} for name, t in totals.items()}
+
+
+def main():
+    args = parse_args()
     data = load_dataset(args)
     device = pick_device(args.device)
     out = stage_dir(args)
@@ -198,19 +252,7 @@ def main():
     users = rng.sample(range(len(seqs)), min(args.train_users, len(seqs)))
 
     if not args.no_stage1:  # stage 1: only the soft prompt learns
-        temporal, simulated = [], []
-        for u in users:
-            train_part = split_user(seqs[u])[0]
-            if len(train_part) < 3:
-                continue
-            temporal.append((prompts.temporal(train_part[:-2], train_part[-1]), prompts.name_ids(train_part[-2])))
-            scores = sasrec_scores(teacher, train_part, list(range(data["num_items"] + 1)))
-            scores[0] = float("-inf")
-            top = scores.topk(10).indices.tolist()  # the teacher's top-10; its top-1 is the answer
-            cands = top + random_unseen(set(top) | set(seqs[u]), args.candidates - 10, data["num_items"], rng)
-            rng.shuffle(cands)
-            simulated.append((prompts.ranking(train_part, cands, "The sequential model recommends"),
-                              prompts.name_ids(top[0])))
+        temporal, simulated = stage1_samples(seqs, users, prompts, teacher, data["num_items"], args.candidates, rng)
         steps = [list(pair) for _ in range(args.stage1_epochs)
                  for pair in zip(chunks(temporal, args.batch_size), chunks(simulated, args.batch_size))]
         loss = train(model, [model.soft], steps, args, device, "stage 1: soft prompt")
@@ -220,38 +262,17 @@ def main():
 
     # stage 2: the soft prompt is frozen, AdaLoRA adapts the LLM to name the true next item
     model.soft.requires_grad_(False)
-    recs = []
-    for u in users:
-        train_part = split_user(seqs[u])[0]
-        if len(train_part) < 2:
-            continue
-        cands = candidate_set(set(seqs[u]), train_part[-1], data["num_items"], args.candidates, rng)
-        recs.append((prompts.ranking(train_part[:-1], cands), prompts.name_ids(train_part[-1])))
+    recs = stage2_samples(seqs, users, prompts, data["num_items"], args.candidates, rng)
     steps = [[batch] for _ in range(args.stage2_epochs) for batch in chunks(recs, args.batch_size)]
     loss = train(model, add_adalora(model, len(steps)), steps, args, device, "stage 2: AdaLoRA",
                  step_hook=lambda step: model.llm.base_model.update_and_allocate(step))
     print(f"stage 2: {len(recs)} samples, last loss {loss:.3f}")
 
-    # test: every system ranks the same candidates
     model.eval()
     n_test = args.test_users or len(seqs)
     test_users = range(len(seqs)) if n_test >= len(seqs) else rng.sample(range(len(seqs)), n_test)
     systems = {"SASRec teacher": teacher, "P2Rec student": student, "DELRec": model}
-    totals = {name: {} for name, m in systems.items() if m is not None}
-    test_rng = random.Random(args.seed + 1)  # the candidate sets depend on the seed only
-    for u in tqdm(test_users, desc="test", leave=False):
-        history, target = seqs[u][:-1], seqs[u][-1]
-        cands = candidate_set(set(seqs[u]), target, data["num_items"], args.candidates, test_rng)
-        for name, m in systems.items():
-            if m is None:
-                continue
-            if m is model:
-                scores = model.score(prompts.ranking(history, cands), [prompts.name_ids(c) for c in cands], device)
-            else:
-                scores = sasrec_scores(m, history, cands)
-            for k, v in candidate_metrics(scores, cands.index(target)).items():
-                totals[name][k] = totals[name].get(k, 0.0) + v
-    result = {name: {k: v / len(test_users) for k, v in t.items()} for name, t in totals.items()}
+    result = test_systems(systems, model, prompts, seqs, test_users, data["num_items"], args, device)
     variant = "DELRec, no stage 1" if args.no_stage1 else "DELRec"
     result[variant] = result.pop("DELRec")
     save_atomic({"args": vars(args), "test_users": len(test_users), "metrics": result},

@@ -286,6 +286,25 @@ def pick_users(n_users, wanted, rng):
     return list(range(n_users)) if wanted == 0 or wanted >= n_users else sorted(rng.sample(range(n_users), wanted))
 
 
+def test_systems(systems, llm, texts, answers, seqs, test_users, histories, summaries, num_items, args, device):
+    """Mean metrics per system over the test users; the candidate sets depend on the seed only."""
+    totals = {name: {} for name, m in systems.items() if m is not None}
+    test_rng = random.Random(args.seed + 2)
+    for u, history, summary in tqdm(list(zip(test_users, histories, summaries)), desc="test", leave=False):
+        cands = candidate_set(set(seqs[u]), seqs[u][-1], num_items, args.candidates, test_rng)
+        for name, m in systems.items():
+            if m is None:
+                continue
+            if m is llm:
+                scores = yes_probability(llm, texts.user_ids(summary, history[-args.recent:]),
+                                         [texts.candidate_ids(c) for c in cands], list(answers.values()), device)
+            else:
+                scores = sasrec_scores(m, history, cands)
+            for k, v in ranking_metrics(scores, cands.index(seqs[u][-1])).items():
+                totals[name][k] = totals[name].get(k, 0.0) + v
+    return {name: {k: v / len(test_users) for k, v in t.items()} for name, t in totals.items()}
+
+
 def main():
     args = parse_args()
     data = load_dataset(args)
@@ -328,21 +347,8 @@ def main():
 
     # 3. test: every system ranks the same candidates
     systems = {"SASRec teacher": teacher, "P2Rec student": student, f"LLM-TRSR ({args.paradigm})": llm}
-    totals = {name: {} for name, m in systems.items() if m is not None}
-    test_rng = random.Random(args.seed + 2)  # the candidate sets depend on the seed only
-    for u, history, summary in tqdm(list(zip(test_users, test_histories, test_summaries)), desc="test", leave=False):
-        cands = candidate_set(set(seqs[u]), seqs[u][-1], data["num_items"], args.candidates, test_rng)
-        for name, m in systems.items():
-            if m is None:
-                continue
-            if m is llm:
-                scores = yes_probability(llm, texts.user_ids(summary, history[-args.recent:]),
-                                         [texts.candidate_ids(c) for c in cands], list(answers.values()), device)
-            else:
-                scores = sasrec_scores(m, history, cands)
-            for k, v in ranking_metrics(scores, cands.index(seqs[u][-1])).items():
-                totals[name][k] = totals[name].get(k, 0.0) + v
-    result = {name: {k: v / len(test_users) for k, v in t.items()} for name, t in totals.items()}
+    result = test_systems(systems, llm, texts, answers, seqs, test_users, test_histories, test_summaries,
+                          data["num_items"], args, device)
     meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"]}
     save_atomic({"args": vars(args), "test_users": len(test_users), "train_samples": len(samples), "metrics": result},
                 os.path.join(out, f"llm_trsr_{args.paradigm}_metrics.json"), meta)

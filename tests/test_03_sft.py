@@ -1,5 +1,6 @@
 import importlib
 import json
+import math
 
 import pytest
 import torch
@@ -27,6 +28,20 @@ def test_prior_preference_counts_training_items_only():
     assert torch.allclose(prior, torch.tensor([[2 / 3, 1 / 3, 0], [0, 1, 0]]))
 
 
+def test_reference_kls_on_a_hand_made_case():
+    prior = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])
+    refs = sft.reference_kls(prior, train_users=[0, 1, 2], val_users=[3])
+    # validation user (0.5, 0.5): uniform is exact; the training mean is (2/3, 1/3)
+    assert refs["uniform_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert refs["mean_prior_kl"] == pytest.approx(0.5 * math.log(0.5 / (2 / 3)) + 0.5 * math.log(0.5 / (1 / 3)))
+    assert sft.gap_closed(refs["mean_prior_kl"] / 4, refs)["gap_closed"] == pytest.approx(0.75)
+
+
+def test_prefix_distributions_count_the_items_so_far():
+    assert torch.allclose(sft.prefix_distributions([1, 1, 0, 2], 3),
+                          torch.tensor([[0, 1, 0], [0, 1, 0], [1 / 3, 2 / 3, 0], [1 / 4, 2 / 4, 1 / 4]]))
+
+
 def test_category_check_counts_agreement():
     groups = [[], ["a"], ["a"], ["b"], ["b"]]
     perfect = sft.category_check(groups, torch.tensor([-1, 0, 0, 1, 1]), pairs=2000)
@@ -36,8 +51,12 @@ def test_category_check_counts_agreement():
 def test_user_level_sft_artifacts(pipeline):
     from peft import PeftModel  # noqa: F401  (the adapter must load with plain PEFT)
     metrics = json.loads((pipeline / "sft_metrics.json").read_text())
-    history = metrics["history"]
-    assert history[-1]["val_kl"] < history[0]["val_kl"]  # the LLM learned to reconstruct the priors
+    history, best = metrics["history"], metrics["history"][metrics["best_epoch"]]
+    assert best["val_kl"] < history[0]["val_kl"]  # the LLM learned to reconstruct the priors
+    assert best["val_kl"] == min(h["val_kl"] for h in history)  # the saved epoch is the best one
+    refs = metrics["references"]
+    assert refs["uniform_kl"] > 0 and refs["mean_prior_kl"] > 0
+    assert best["gap_closed"] == pytest.approx(1 - best["val_kl"] / refs["mean_prior_kl"])
     assert all(h["samples"] == NUM_USERS - max(1, int(NUM_USERS * 0.05)) for h in history[1:])  # one sample per user
     assert metrics["category_check"]["lift over chance"] > 1.5  # the k-means categories follow the true groups
     categories = torch.load(pipeline / "categories.pt")
@@ -52,18 +71,18 @@ def test_item_tokens_and_other_architectures(pipeline, tmp_path, arch):
     llm = make_tiny_llm(tmp_path / arch, arch=arch)
     out = copy_artifacts(pipeline, tmp_path / "out", "dataset.json", "teacher.pt")
     run_stage("03_sft.py", "--data", "synth", "--out", out, "--llm", llm, "--k", 4, "--epochs", 1,
-              "--item-repr", "token", "--max-tokens", 2048, "--device", "cpu")
+              "--item-repr", "teacher-token", "--max-tokens", 2048, "--device", "cpu")
     run_stage("04_embed.py", "--data", "synth", "--out", out, "--device", "cpu")
     assert torch.load(out / "synth" / "item_emb.pt").shape == (41, 32)
 
 
 def test_instance_level_samples_are_every_train_prefix():
-    builder = lambda items: (list(items), [0] * len(items))  # noqa: E731  (prompt = the item IDs themselves)
-    prompts, targets = sft.instance_level_samples([[1, 2, 3, 4, 5], [7, 8, 9, 6]], [0, 1], builder, max_items=1)
+    builder = lambda items: list(items)  # noqa: E731  (prompt = the item IDs themselves)
+    prompts, targets, _ = sft.instance_level_samples([[1, 2, 3, 4, 5], [7, 8, 9, 6]], [0, 1], builder, max_items=1)
     # user 0 trains on [1, 2, 3]: (1 -> 2), (2 -> 3) with one item of context; user 1 on [7, 8]: (7 -> 8)
-    assert [p[0] for p in prompts] == [[1], [2], [7]] and targets.tolist() == [2, 3, 8]
-    prompts, targets = sft.instance_level_samples([[1, 2, 3, 4, 5]], [0], builder, max_items=50, last_only=True)
-    assert [p[0] for p in prompts] == [[1, 2]] and targets.tolist() == [3]
+    assert prompts == [[1], [2], [7]] and targets.tolist() == [2, 3, 8]
+    prompts, targets, _ = sft.instance_level_samples([[1, 2, 3, 4, 5]], [0], builder, max_items=50, last_only=True)
+    assert prompts == [[1, 2]] and targets.tolist() == [3]
 
 
 def test_instance_level_sft(pipeline, tmp_path, tiny_llm):
@@ -125,3 +144,12 @@ def test_two_processes_train_like_one(pipeline, tmp_path, tiny_llm):
             else:
                 assert got[key] == pytest.approx(want[key], rel=1e-3), (key, got, want)
     assert sharded[1]["val_kl"] != sharded[-1]["val_kl"]  # it trained
+
+
+def test_activation_checkpointing_trains_alike(pipeline, tmp_path, tiny_llm):
+    """--checkpointing recomputes each block in the backward pass: less memory, the same training."""
+    out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt")
+    run_stage("03_sft.py", "--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, *SFT_ARGS, "--checkpointing")
+    recomputed = json.loads((out / "synth" / "sft_metrics.json").read_text())["history"]
+    single = json.loads((pipeline / "sft_metrics.json").read_text())["history"]
+    assert [h["val_kl"] for h in recomputed] == pytest.approx([h["val_kl"] for h in single], rel=1e-4)

@@ -4,25 +4,27 @@ import torch
 
 import pytest
 
-from common import (LoRALLM, PromptBuilder, SASRec, eval_split, left_pad, load_llm, pack_prompts, preference_kl,
-                    rank_metrics, split_user, token_batches, train_tensors, trim_padding)
+from common import (ItemEmbedding, LoRALLM, PromptBuilder, SASRec, eval_split, left_pad, load_llm, pack_prompts,
+                    preference_kl, rank_metrics, split_user, target_ranks, token_batches, train_tensors, trim_padding)
 
 
 def test_rank_metrics_hand_computed():
     # user 0: target item 2 has the top score -> rank 0; user 1: target 3 is beaten by items 1 and 4 -> rank 2
     scores = torch.tensor([[9.0, 0.1, 0.9, 0.3, 0.2],
                            [9.0, 0.8, 0.1, 0.5, 0.7]])  # column 0 (padding) is ignored whatever its score
-    m = rank_metrics(scores, torch.tensor([2, 3]), ks=(1, 3))
-    assert m["HR@1"] == 1 and m["HR@3"] == 2
-    assert math.isclose(m["NDCG@1"], 1.0)
-    assert math.isclose(m["NDCG@3"], 1.0 + 1 / math.log2(4))
+    ranks = target_ranks(scores, torch.tensor([2, 3]))
+    assert ranks.tolist() == [0, 2]
+    m = rank_metrics(ranks, ks=(1, 3))
+    assert m["HR@1"] == 0.5 and m["HR@3"] == 1.0
+    assert math.isclose(m["NDCG@1"], 0.5)
+    assert math.isclose(m["NDCG@3"], (1.0 + 1 / math.log2(4)) / 2)
 
 
 def test_rank_metrics_masks_history_but_not_target():
     scores = torch.tensor([[0.0, 0.8, 0.1, 0.5, 0.7]])
     history = torch.tensor([[1, 4, 3, 0]])  # seen items 1, 4 and the target 3 itself
-    assert rank_metrics(scores, torch.tensor([3]), ks=(1,))["HR@1"] == 0
-    assert rank_metrics(scores, torch.tensor([3]), history, ks=(1,))["HR@1"] == 1
+    assert target_ranks(scores, torch.tensor([3])).item() == 2
+    assert target_ranks(scores, torch.tensor([3]), history).item() == 0
 
 
 def test_preference_kl_matches_definition():
@@ -60,19 +62,19 @@ def test_packed_prompts_match_each_prompt_alone(tmp_path, arch):
     base, tokenizer = load_llm(make_tiny_llm(tmp_path, arch), torch.device("cpu"))
     reference, _ = load_llm(str(tmp_path), torch.device("cpu"))  # untouched: attn_implementation "sdpa"
     model = LoRALLM(base, num_outputs=3).eval()
-    builder = PromptBuilder(tokenizer, "text")
+    builder = PromptBuilder(tokenizer, "text", num_items=500)
     prompts = [builder([5, 17, 333]), builder([2]), builder([40, 41, 42, 43, 44])]
     packed = pack_prompts(prompts, torch.device("cpu"))
-    assert packed.ids.shape == (1, sum(len(ids) for ids, _ in prompts)) and packed.longest == len(prompts[2][0])
+    assert packed.ids.shape == (1, sum(len(p.ids) for p in prompts)) and packed.longest == len(prompts[2].ids)
     hidden = model.hidden(packed)
     with torch.no_grad():
-        alone = torch.cat([reference(torch.tensor([ids])).last_hidden_state[:, -1] for ids, _ in prompts])
+        alone = torch.cat([reference(torch.tensor([p.ids])).last_hidden_state[:, -1] for p in prompts])
     assert torch.allclose(hidden, alone, atol=1e-5)
 
 
 def test_sasrec_is_causal_and_trimming_is_exact():
     torch.manual_seed(0)
-    model = SASRec(num_items=20, dim=16, maxlen=8, dropout=0.0).eval()
+    model = SASRec(ItemEmbedding(20, 16), maxlen=8, dropout=0.0).eval()
     seq = torch.tensor([[0, 0, 0, 3, 4, 5, 6, 7], [0, 0, 0, 0, 0, 1, 2, 3]])
     changed = seq.clone()
     changed[0, -1] = 9
@@ -82,3 +84,20 @@ def test_sasrec_is_causal_and_trimming_is_exact():
     trimmed, = trim_padding(seq)
     assert trimmed.shape[1] == 5
     assert torch.allclose(model(trimmed)[:, -1], out[:, -1], atol=1e-5)
+
+
+def test_prompts_mark_each_item_and_write_ids_as_asked(tiny_llm):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
+    tokens = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    for item_repr, written in (("text", (" 7,", " 123,")), ("code", (" 0007,", " 0123,"))):
+        builder = PromptBuilder(tokenizer, item_repr, num_items=1000)
+        prompt = builder([7, 123])
+        first, second = tokens(written[0]), tokens(written[1])
+        assert prompt.ids == builder.prefix + first + second + builder.suffix
+        end = len(builder.prefix) - 1
+        assert prompt.item_ends == [end + len(first), end + len(first) + len(second)]  # each item's last token
+    code = PromptBuilder(tokenizer, "code", num_items=1000)
+    assert len(code([7]).ids) == len(code([999]).ids)  # fixed width: every item costs the same tokens
+    token = PromptBuilder(tokenizer, "item-token", num_items=1000)([7, 123])
+    assert [token.slots[e] for e in token.item_ends] == [7, 123] and sum(s > 0 for s in token.slots) == 2

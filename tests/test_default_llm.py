@@ -7,8 +7,8 @@ from common import LoRALLM, PromptBuilder, load_llm, pack_prompts
 def test_default_llm_loads_and_runs_offline():
     base, tokenizer = load_llm("smollm2", torch.device("cpu"))
     assert base.config.hidden_size == 576 and base.config.num_hidden_layers == 30
-    model = LoRALLM(base, num_outputs=4, teacher_item_emb=torch.randn(6, 8)).eval()
-    builder = PromptBuilder(tokenizer, "token")
+    model = LoRALLM(base, num_outputs=4, item_repr="teacher-token", teacher_item_emb=torch.randn(6, 8)).eval()
+    builder = PromptBuilder(tokenizer, "teacher-token", num_items=5)
     packed = pack_prompts([builder([1, 2, 3]), builder([4])], torch.device("cpu"))
     with torch.no_grad():
         log_pred = model(packed)
