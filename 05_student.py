@@ -212,7 +212,8 @@ def markdown_table(runs, dataset, fuse):
         for variant in variants:
             of = [r for r in runs if r["model"] == model and r["variant"] == variant]
             cells = [f"{mean_std([r['subgroups'][g]['NDCG@10'] for r in of])[0]:.4f} / "
-                     f"{mean_std([r['subgroups'][g]['HR@10'] for r in of])[0]:.4f}" for g in SUBGROUPS]
+                     f"{mean_std([r['subgroups'][g]['HR@10'] for r in of])[0]:.4f}" if g in of[0]["subgroups"] else "-"
+                     for g in SUBGROUPS]
             lines.append(f"| {model} | {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -228,6 +229,8 @@ def save_chart(runs, path, title):
         return False
     models = list(dict.fromkeys(r["model"] for r in runs))
     variants = [v for v in dict.fromkeys(r["variant"] for r in runs) if v != "vanilla"]
+    if not variants:
+        return False
     fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models) + 1, 3.2), squeeze=False, sharey=True)
     for ax, model in zip(axes[0], models):
         vanilla = {r["seed"]: r["test"] for r in runs if r["model"] == model and r["variant"] == "vanilla"}
@@ -266,7 +269,8 @@ def main():
                                     device, desc=f"{group[0]['model_name']} {names}")
         for run, result in zip(group, trained):
             ranks = result.pop("test_ranks")
-            result["subgroups"] = {g: {"users": int(mask.sum()), **rank_metrics(ranks[mask])} for g, mask in masks.items()}
+            result["subgroups"] = {g: {"users": int(mask.sum()), **rank_metrics(ranks[mask])}
+                                   for g, mask in masks.items() if mask.any()}  # ml-100k has no short users
             results.append({"model": run["model_name"], "variant": run["variant"], "seed": run["seed"], **result})
             print(f"{run['model_name']:8s} {run['variant']:10s} seed {run['seed']}: best epoch {result['best_epoch']:3d}, "
                   f"test {format_metrics(result['test'])}")

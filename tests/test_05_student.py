@@ -77,6 +77,13 @@ def test_markdown_table_reports_mean_spread_lift_and_subgroups():
     assert "| sasrec | enhanced | 0.1000 / 0.2000 |" in table
 
 
+def test_markdown_table_shows_an_empty_subgroup_as_a_dash():
+    groups = {g: {"NDCG@10": 0.1, "HR@10": 0.2} for g in student.SUBGROUPS if g != "short users"}  # ml-100k
+    runs = [{"model": "gru4rec", "variant": v, "seed": s, "test": {m: 0.1 for m in student.METRICS}, "subgroups": groups}
+            for v in ("vanilla", "enhanced") for s in (1, 2)]
+    assert "| gru4rec | vanilla | 0.1000 / 0.2000 | 0.1000 / 0.2000 | - | 0.1000 / 0.2000 |" in student.markdown_table(runs, "toy", "init")
+
+
 @pytest.mark.parametrize("fuse", ["init", "align"])
 def test_runs_trained_together_match_runs_trained_alone(pipeline, tmp_path, fuse):
     """The same runs, stacked into one vmap-ed group or trained one at a time, end with the same metrics (dropout
