@@ -234,12 +234,13 @@ def batch_loss(model, samples, shard, packed, device, prefix_weight, positions_i
 
 def run_epoch(model, samples, batches, device, opt=None, schedule=None, desc="", rank=0, world=1, prefix_weight=0.0):
     """One pass over `batches` (lists of sample indices); trains when an optimiser is given. Returns
-    (mean user-level loss, seconds, tokens); only the user-level KL is reported, the quantity P2Rec reconstructs.
+    (mean loss per user, seconds, tokens). The loss is what was optimised: in training the user-level KL plus
+    the weighted per-prefix KL; without an optimiser (validation) the user-level KL alone, what P2Rec reconstructs.
     Under torchrun each process takes every world-th sample of each batch and DDP averages the gradients,
     so the N processes together make exactly the step one process makes on the whole batch.
     Nothing in the loop waits for the GPU."""
     model.train(opt is not None)
-    totals, start = torch.zeros(2, device=device), time.time()  # summed user-level loss, tokens
+    totals, start = torch.zeros(2, device=device), time.time()  # summed loss, tokens
     with torch.set_grad_enabled(opt is not None):
         for batch in tqdm(batches, desc=desc, leave=False):
             shard = batch[rank::world]

@@ -21,6 +21,7 @@ GPU's dense bf16 peak.
 import argparse
 import importlib
 import os
+import textwrap
 import time
 
 import torch
@@ -185,7 +186,7 @@ def save_chart(rows, path, title):
         ax.bar([i + offset for i in range(len(phases))], seconds, width=0.4, label=f"{level}-level")
     ax.set_xticks(range(len(phases)), phases)
     ax.set_ylabel("LLM time (s)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 70), fontsize=8)  # the title names model, GPU and settings: wrap it
     ax.legend()
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=120)

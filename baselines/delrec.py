@@ -217,7 +217,7 @@ def stage2_samples(seqs, users, prompts, num_items, candidates, rng):
 
 def test_systems(systems, model, prompts, seqs, test_users, num_items, args, device):
     """Every system ranks the same candidate sets (they depend on the seed only): mean metrics per system."""
-    totals = {name: {} for name, m in systems.items() if m is not None}
+    totals = {name: Counter() for name, m in systems.items() if m is not None}  # update() adds
     test_rng = random.Random(args.seed + 1)
     for u in tqdm(test_users, desc="test", leave=False):
         history, target = seqs[u][:-1], seqs[u][-1]
@@ -229,8 +229,7 @@ def test_systems(systems, model, prompts, seqs, test_users, num_items, args, dev
                 scores = model.score(prompts.ranking(history, cands), [prompts.name_ids(c) for c in cands], device)
             else:
                 scores = sasrec_scores(m, history, cands)
-            for k, v in candidate_metrics(scores, cands.index(target)).items():
-                totals[name][k] = totals[name].get(k, 0.0) + v
+            totals[name].update(candidate_metrics(scores, cands.index(target)))
     return {name: {k: v / len(test_users) for k, v in t.items()} for name, t in totals.items()}
 
 

@@ -28,6 +28,7 @@ import json
 import os
 import random
 import sys
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -288,7 +289,7 @@ def pick_users(n_users, wanted, rng):
 
 def test_systems(systems, llm, texts, answers, seqs, test_users, histories, summaries, num_items, args, device):
     """Mean metrics per system over the test users; the candidate sets depend on the seed only."""
-    totals = {name: {} for name, m in systems.items() if m is not None}
+    totals = {name: Counter() for name, m in systems.items() if m is not None}  # update() adds
     test_rng = random.Random(args.seed + 2)
     for u, history, summary in tqdm(list(zip(test_users, histories, summaries)), desc="test", leave=False):
         cands = candidate_set(set(seqs[u]), seqs[u][-1], num_items, args.candidates, test_rng)
@@ -300,8 +301,7 @@ def test_systems(systems, llm, texts, answers, seqs, test_users, histories, summ
                                          [texts.candidate_ids(c) for c in cands], list(answers.values()), device)
             else:
                 scores = sasrec_scores(m, history, cands)
-            for k, v in ranking_metrics(scores, cands.index(seqs[u][-1])).items():
-                totals[name][k] = totals[name].get(k, 0.0) + v
+            totals[name].update(ranking_metrics(scores, cands.index(seqs[u][-1])))
     return {name: {k: v / len(test_users) for k, v in t.items()} for name, t in totals.items()}
 
 
