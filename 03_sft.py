@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (ITEM_REPRS, LoRALLM, PromptBuilder, UserError, add_common_args, all_reduce_sum, check_made_from,
-                    check_positive, compile_blocks, file_fingerprint, llm_fingerprint, load_checkpoint, load_dataset,
-                    load_llm, pack_prompts, pick_device, preference_kl, require, run_main, run_settings, save_atomic,
+from common import (ITEM_REPRS, LoRALLM, PromptBuilder, UserError, add_common_args, all_reduce_sum, check_positive,
+                    compile_blocks, current_teacher, file_fingerprint, llm_fingerprint, load_checkpoint, load_dataset,
+                    load_llm, pack_prompts, pick_device, preference_kl, run_main, run_settings, save_atomic,
                     save_checkpoint, seed_everything, setup_distributed, split_user, stage_dir, token_batches)
 
 
@@ -214,10 +214,10 @@ def split_users(num_users, val_frac, seed):
 
 # ----------------------------------------------------------------------------- 4. training
 
-def batch_loss(model, samples, shard, packed, device, prefix_weight, positions_in_batch):
+def batch_loss(model, samples, shard, packed, device, prefix_weight, users_in_batch):
     """Summed loss of the shard's samples: KL(prior || predicted) per user plus prefix_weight times the summed
-    per-prefix KL (divided by the whole batch's prefix count over the number of users, so that the prefix term
-    weighs each position alike whatever the shard), or the next-item cross-entropy at instance level."""
+    per-prefix KL divided by the whole batch's number of users (so the term does not depend on how the batch is
+    split among processes), or the next-item cross-entropy at instance level."""
     targets = samples.targets[shard].to(device, non_blocking=True)
     if samples.prefix_targets is None:
         return F.nll_loss(model(packed), targets, reduction="sum")
@@ -228,8 +228,8 @@ def batch_loss(model, samples, shard, packed, device, prefix_weight, positions_i
     positions = positions.to(device, non_blocking=True)
     prefix = torch.cat([samples.prefix_targets[i] for i in shard]).to(device, non_blocking=True)
     last, at_items = model(packed, positions)
-    prefix_kl = F.kl_div(at_items, prefix, reduction="sum") * positions_in_batch[1] / positions_in_batch[0]
-    return F.kl_div(last, targets, reduction="sum") + prefix_weight * prefix_kl / positions_in_batch[1]
+    prefix_kl = F.kl_div(at_items, prefix, reduction="sum") / users_in_batch
+    return F.kl_div(last, targets, reduction="sum") + prefix_weight * prefix_kl
 
 
 def run_epoch(model, samples, batches, device, opt=None, schedule=None, desc="", rank=0, world=1, prefix_weight=0.0):
@@ -249,8 +249,7 @@ def run_epoch(model, samples, batches, device, opt=None, schedule=None, desc="",
             weight = world / len(batch) if shard else 0.0
             shard = shard or batch[:1]
             packed = pack_prompts([samples.prompts[i] for i in shard], device)
-            counts = (len(batch), sum(len(samples.prompts[i].item_ends) for i in batch))  # users, prefixes
-            loss = batch_loss(model, samples, shard, packed, device, prefix_weight if opt else 0.0, counts) * weight
+            loss = batch_loss(model, samples, shard, packed, device, prefix_weight if opt else 0.0, len(batch)) * weight
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -286,9 +285,8 @@ def largest_fitting_budget(model, samples, max_tokens, device):
         batch = longest[:max(1, max_tokens // longest_tokens)]
         try:
             model.train()
-            counts = (len(batch), sum(len(samples.prompts[i].item_ends) for i in batch))
             packed = pack_prompts([samples.prompts[i] for i in batch], device)
-            batch_loss(model, samples, batch, packed, device, 1.0, counts).backward()
+            batch_loss(model, samples, batch, packed, device, 1.0, len(batch)).backward()
             model.zero_grad(set_to_none=True)
             return max_tokens
         except torch.OutOfMemoryError:
@@ -358,12 +356,13 @@ def train(model, train_set, val_set, args, device, shards, checkpoint, settings,
         val_loss = validate()
         history.append({"epoch": epoch, "train_loss": train_loss, loss_name: val_loss, **gap_closed(val_loss, refs),
                         "train_s": seconds, "tokens": tokens, "samples": len(train_set.prompts)})
+        weights = trainable_tensors(model)  # one CPU copy serves the best-so-far and the checkpoint
         if val_loss < best["loss"]:
-            best = {"epoch": epoch, "loss": val_loss, "weights": trainable_tensors(model)}
+            best = {"epoch": epoch, "loss": val_loss, "weights": weights}
         print(f"epoch {epoch}: train loss {train_loss:.4f}, {loss_name} {val_loss:.4f}{gap_text(history[-1], refs)}, "
               f"LLM time {seconds:.1f} s, {tokens / seconds:.0f} tokens/s")
         if shards["rank"] == 0:  # every process holds the same weights: one writes
-            save_checkpoint(checkpoint, settings, epoch, [gen], trainable=trainable_tensors(model),
+            save_checkpoint(checkpoint, settings, epoch, [gen], trainable=weights,
                             optimizer=opt.state_dict(), schedule=schedule.state_dict(), history=history, best=best)
     model.load_state_dict(best["weights"], strict=False)
     return history, best["epoch"]
@@ -414,9 +413,7 @@ def save_artifacts(out, model, args, inputs, categories, history, best_epoch, re
 def load_inputs(args):
     """The dataset and the teacher's item embeddings, checked to belong together."""
     data = load_dataset(args)
-    teacher_path = require(os.path.join(stage_dir(args), "teacher.pt"), f"python 02_teacher.py --data {args.data}")
-    check_made_from(teacher_path + ".meta.json", "dataset_fingerprint", data["fingerprint"],
-                    f"the data changed since the teacher was trained: rerun python 02_teacher.py --data {args.data}", args.force)
+    teacher_path = current_teacher(args, data)
     if args.k > data["num_items"]:
         raise UserError(f"--k {args.k} is larger than the number of items ({data['num_items']}): choose a smaller --k")
     teacher_emb = torch.load(teacher_path, map_location="cpu")["item_emb"].float()

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (FUSIONS, KS, Dropout, ItemEmbedding, SASRec, UserError, add_common_args, add_train_args,
-                    check_made_from, check_positive, file_fingerprint, format_metrics, llm_features, load_dataset,
+                    check_made_from, check_positive, current_artifact, current_teacher, file_fingerprint, format_metrics, llm_features, load_dataset,
                     pick_device, rank_metrics, require, run_main, save_atomic, seed_everything, split_user, stage_dir,
                     train_recommender)
 
@@ -116,25 +116,20 @@ def variant_features(args, data, out):
     if "base-llm" in args.variants:
         features["base-llm"] = llm_features(current_embeddings(args, data, out, "item_emb_base.pt", " --base"), args.dim)
     if "categories" in args.variants:
-        path = require(os.path.join(out, "categories.pt"), f"python 03_sft.py --data {args.data}")
-        check_made_from(path + ".meta.json", "dataset_fingerprint", data["fingerprint"],
-                        f"the data changed since 03_sft.py ran: rerun stages 02-04 for --data {args.data}", args.force)
+        path = current_artifact(args, data, "categories.pt", f"python 03_sft.py --data {args.data}",
+                                f"the data changed since 03_sft.py ran: rerun stages 02-04 for --data {args.data}")
         categories = torch.load(path)["item_categories"]
         one_hot = F.one_hot(categories.clamp(min=0)).float()
         one_hot[0] = 0
         features["categories"] = llm_features(one_hot, args.dim)
     if "teacher" in args.variants:
-        path = require(os.path.join(out, "teacher.pt"), f"python 02_teacher.py --data {args.data}")
-        check_made_from(path + ".meta.json", "dataset_fingerprint", data["fingerprint"],
-                        f"the data changed since the teacher was trained: rerun python 02_teacher.py --data {args.data}", args.force)
-        features["teacher"] = llm_features(torch.load(path)["item_emb"], args.dim)
+        features["teacher"] = llm_features(torch.load(current_teacher(args, data))["item_emb"], args.dim)
     return features
 
 
 def current_embeddings(args, data, out, name, flag):
-    path = require(os.path.join(out, name), f"python 04_embed.py --data {args.data}{flag}")
-    check_made_from(path + ".meta.json", "dataset_fingerprint", data["fingerprint"],
-                    f"the data changed since the embeddings were made: rerun stages 02-04 for --data {args.data}", args.force)
+    path = current_artifact(args, data, name, f"python 04_embed.py --data {args.data}{flag}",
+                            f"the data changed since the embeddings were made: rerun stages 02-04 for --data {args.data}")
     sft_path = require(os.path.join(out, "sft_head.pt"), f"python 03_sft.py --data {args.data}")
     check_made_from(path + ".meta.json", "sft_fingerprint", file_fingerprint(sft_path),
                     f"03_sft.py ran again after {name} was made: rerun python 04_embed.py --data {args.data}{flag}", args.force)

@@ -113,6 +113,18 @@ def check_made_from(meta_path, key, expected, fix, force=False):
         print(f"warning (--force): {message}", file=sys.stderr)
 
 
+def current_artifact(args, data, name, made_by, stale_fix):
+    """out/<dataset>/<name>, after checking that it exists and was made from the current dataset."""
+    path = require(os.path.join(stage_dir(args), name), made_by)
+    check_made_from(path + ".meta.json", "dataset_fingerprint", data["fingerprint"], stale_fix, args.force)
+    return path
+
+
+def current_teacher(args, data):
+    return current_artifact(args, data, "teacher.pt", f"python 02_teacher.py --data {args.data}",
+                            f"the data changed since the teacher was trained: rerun python 02_teacher.py --data {args.data}")
+
+
 def rng_state():
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -329,10 +341,11 @@ def evaluate(group, inputs, targets, history, device, masked=True, batch_size=10
         hidden, table, _ = group(seq.to(device), shared_input=True)  # [runs, B, L, D], [runs, items + 1, D]
         scores = torch.bmm(hidden[:, :, -1], table.transpose(1, 2)).float()
         tgt = targets[idx].to(device)
+        seen = history[idx].to(device) if masked else None  # once per batch, not once per run
         for run in range(group.runs):
             ranks[run, idx] = target_ranks(scores[run], tgt).cpu()
             if masked:
-                masked_ranks[run, idx] = target_ranks(scores[run], tgt, history[idx].to(device)).cpu()
+                masked_ranks[run, idx] = target_ranks(scores[run], tgt, seen).cpu()
     return ranks, masked_ranks
 
 
