@@ -50,7 +50,7 @@ def add_sft_args(parser):
                              "token per item, learned from scratch) or teacher-token (projected teacher embedding)")
     parser.add_argument("--max-items", type=int, default=50, help="most recent training items in a user's prompt")
     parser.add_argument("--prefix-weight", type=float, default=1.0,
-                        help="weight of the per-prefix KL at each item's last token (0: the user-level KL alone)")
+                        help="weight of each user's mean KL over its prefixes, read at each item's last token (0: the user-level KL alone)")
     # training
     parser.add_argument("--epochs", type=int, default=8, help="most passes over all users (the cosine decay ends here)")
     parser.add_argument("--patience", type=int, default=2, help="stop after this many epochs without a lower validation KL")
@@ -214,21 +214,22 @@ def split_users(num_users, val_frac, seed):
 
 # ----------------------------------------------------------------------------- 4. training
 
-def batch_loss(model, samples, shard, packed, device, prefix_weight, users_in_batch):
-    """Summed loss of the shard's samples: KL(prior || predicted) per user plus prefix_weight times the summed
-    per-prefix KL divided by the whole batch's number of users (so the term does not depend on how the batch is
-    split among processes), or the next-item cross-entropy at instance level."""
+def batch_loss(model, samples, shard, packed, device, prefix_weight):
+    """Summed loss of the shard's samples: per user, KL(prior || predicted) plus prefix_weight times the mean KL
+    over the user's prefixes (each user counts once, however many items it has); or the next-item cross-entropy
+    at instance level."""
     targets = samples.targets[shard].to(device, non_blocking=True)
     if samples.prefix_targets is None:
         return F.nll_loss(model(packed), targets, reduction="sum")
     if prefix_weight == 0:
         return F.kl_div(model(packed), targets, reduction="sum")
+    ends = [samples.prompts[i].item_ends for i in shard]
     starts = torch.tensor([0] + [len(samples.prompts[i].ids) for i in shard]).cumsum(0)  # on the CPU: no GPU wait
-    positions = torch.cat([start + torch.tensor(samples.prompts[i].item_ends) for start, i in zip(starts, shard)])
-    positions = positions.to(device, non_blocking=True)
+    positions = torch.cat([start + torch.tensor(e) for start, e in zip(starts, ends)]).to(device, non_blocking=True)
+    per_user_mean = torch.cat([torch.full((len(e),), 1 / max(1, len(e))) for e in ends]).to(device, non_blocking=True)
     prefix = torch.cat([samples.prefix_targets[i] for i in shard]).to(device, non_blocking=True)
     last, at_items = model(packed, positions)
-    prefix_kl = F.kl_div(at_items, prefix, reduction="sum") / users_in_batch
+    prefix_kl = (F.kl_div(at_items, prefix, reduction="none").sum(1) * per_user_mean).sum()
     return F.kl_div(last, targets, reduction="sum") + prefix_weight * prefix_kl
 
 
@@ -249,7 +250,7 @@ def run_epoch(model, samples, batches, device, opt=None, schedule=None, desc="",
             weight = world / len(batch) if shard else 0.0
             shard = shard or batch[:1]
             packed = pack_prompts([samples.prompts[i] for i in shard], device)
-            loss = batch_loss(model, samples, shard, packed, device, prefix_weight if opt else 0.0, len(batch)) * weight
+            loss = batch_loss(model, samples, shard, packed, device, prefix_weight if opt else 0.0) * weight
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -286,7 +287,7 @@ def largest_fitting_budget(model, samples, max_tokens, device):
         try:
             model.train()
             packed = pack_prompts([samples.prompts[i] for i in batch], device)
-            batch_loss(model, samples, batch, packed, device, 1.0, len(batch)).backward()
+            batch_loss(model, samples, batch, packed, device, 1.0).backward()
             model.zero_grad(set_to_none=True)
             return max_tokens
         except torch.OutOfMemoryError:

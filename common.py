@@ -608,11 +608,13 @@ def training_step(group, opt, dtype, positions_per_batch):
     return step
 
 
-def cuda_graph(step, example, group, opt):
+def cuda_graph(step, example, group, opt, pool):
     """On a GPU a step of these small models is mostly kernel launches, so the whole step (forward, loss,
     backward, Adam) is captured once as a CUDA graph and replayed: the returned function copies a step's
     inputs (always of `example`'s shape) into the graph's buffers and replays it. Capture needs a few eager
-    warm-up steps first; parameters and optimiser state are put back afterwards, so they leave no trace."""
+    warm-up steps first; parameters and optimiser state are put back afterwards, so they leave no trace.
+    Graphs captured into one memory `pool` share their scratch memory: they never run at the same time, and
+    the only tensor that outlives a replay, the loss, is copied out at once."""
     static = [t.clone() for t in example]
     params = {name: p.detach().clone() for name, p in group.params.items()}
     fresh = not opt.state
@@ -626,12 +628,13 @@ def cuda_graph(step, example, group, opt):
     with torch.no_grad():
         for name, p in group.params.items():
             p.copy_(params[name])
-        for i, state in enumerate(opt.state.values()):  # in place: the graph reads these very tensors
+        for i, state in enumerate(opt.state.values()):  # in place: the graphs read these very tensors
             for j, t in enumerate(state.values()):
                 t.zero_() if fresh else t.copy_(saved[i][j])
-    opt.zero_grad(set_to_none=True)
+    # The gradients the warm-up made stay where they are (the step zeroes them): every graph then reads and
+    # writes the same gradient tensors, as they all drive the same optimiser.
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         loss = step(*static)
 
     def replay(*inputs):
@@ -640,6 +643,37 @@ def cuda_graph(step, example, group, opt):
         graph.replay()
         return loss.clone()
     return replay
+
+
+def graph_widths(maxlen):
+    """The sequence widths a step is captured at: maxlen, maxlen/2, maxlen/4, maxlen/8. A step runs at the
+    narrowest width that holds its longest user (padding changes nothing at real positions), so that the
+    many short users do not pay for maxlen positions: on Beauty most batches hold users of 6 items or fewer."""
+    return sorted({max(1, maxlen >> i) for i in range(4)})
+
+
+def graphed_steps(step, inputs, targets, lengths, runs, batch_size, maxlen, group, opt, device):
+    """One CUDA graph of `step` per width of graph_widths; returns a function that takes one batch per run,
+    stacks them at the narrowest width that fits, and replays that width's graph."""
+    widths, pool, replays = graph_widths(maxlen), torch.cuda.graph_pool_handle(), {}
+    example_batch = [torch.arange(min(batch_size, len(inputs)))] * runs
+    for width in widths:
+        example = stack_batches(inputs, targets, lengths, example_batch, (batch_size, width))
+        replays[width] = cuda_graph(step, [t.to(device) for t in example], group, opt, pool)
+
+    def run(batches):
+        longest = max(int(lengths[b].max()) for b in batches)
+        width = next(w for w in widths if w >= longest)
+        stacked = stack_batches(inputs, targets, lengths, batches, (batch_size, width))
+        return replays[width](*(t.to(device, non_blocking=True) for t in stacked))
+    return run
+
+
+def eager_steps(step, inputs, targets, lengths, device):
+    """`step` on batches cut to their longest user (on a CPU that saves real work)."""
+    def run(batches):
+        return step(*(t.to(device) for t in stack_batches(inputs, targets, lengths, batches)))
+    return run
 
 
 def train_recommender(models, seeds, sequences, args, device, desc, checkpoint=None, settings=None):
@@ -654,10 +688,7 @@ def train_recommender(models, seeds, sequences, args, device, desc, checkpoint=N
     inputs, targets = train_tensors(sequences, args.maxlen)
     lengths = (inputs > 0).sum(1)
     valid, test = eval_split(sequences, "valid", args.maxlen), eval_split(sequences, "test", args.maxlen)
-    # On a GPU every step has one shape (padding changes nothing at real positions), so that it can run as a
-    # CUDA graph; on a CPU each step is cut to its longest user, which saves real work there.
     graphed = device.type == "cuda" and not args.no_cuda_graph
-    shape = (args.batch_size, args.maxlen) if graphed else None
     opt = torch.optim.Adam(group.params.values(), lr=args.lr, weight_decay=args.weight_decay, fused=graphed,
                            capturable=graphed)
     gens = [torch.Generator().manual_seed(seed) for seed in seeds]
@@ -668,15 +699,16 @@ def train_recommender(models, seeds, sequences, args, device, desc, checkpoint=N
     group.train()
     step = training_step(group, opt, matmul_dtype(device), positions_per_batch)
     if graphed:
-        example = stack_batches(inputs, targets, lengths, [torch.arange(min(args.batch_size, len(inputs)))] * len(seeds), shape)
-        step = cuda_graph(step, [t.to(device) for t in example], group, opt)
+        step = graphed_steps(step, inputs, targets, lengths, len(seeds), args.batch_size, args.maxlen, group, opt, device)
+    else:
+        step = eager_steps(step, inputs, targets, lengths, device)
     bar = tqdm(range(len(history[0]) + 1, args.epochs + 1), desc=desc, leave=False, initial=len(history[0]),
                total=args.epochs)
     for epoch in bar:
         group.train()
         start, losses = time.time(), torch.zeros(group.runs, device=device)
         for batches in zip(*(similar_length_batches(lengths, args.batch_size, gen) for gen in gens)):
-            losses += step(*(t.to(device, non_blocking=True) for t in stack_batches(inputs, targets, lengths, batches, shape)))
+            losses += step(batches)
         record = {"epoch": epoch, "train_s": time.time() - start}
         keep_best(group, valid, device, losses, record, best, history)
         bar.set_postfix(ndcg10=" ".join(f"{h[-1]['valid']['NDCG@10']:.4f}" for h in history), s=f"{record['train_s']:.1f}")

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from common import Prompt, pack_prompts
 from conftest import (NUM_GROUPS, NUM_USERS, SFT_ARGS, TEACHER_ARGS, copy_artifacts, kill_when_checkpointed,
                       make_tiny_llm, run_stage, run_torchrun)
 
@@ -40,6 +41,26 @@ def test_reference_kls_on_a_hand_made_case():
 def test_prefix_distributions_count_the_items_so_far():
     assert torch.allclose(sft.prefix_distributions([1, 1, 0, 2], 3),
                           torch.tensor([[0, 1, 0], [0, 1, 0], [1 / 3, 2 / 3, 0], [1 / 4, 2 / 4, 1 / 4]]))
+
+
+def test_prefix_kl_is_a_mean_per_user_so_every_user_counts_once():
+    class Uniform(torch.nn.Module):  # predicts (1/2, 1/2) at every token asked for
+        def forward(self, packed, positions=None):
+            half = math.log(0.5)
+            last = torch.full((len(packed.bounds) - 1, 2), half)
+            return last if positions is None else (last, torch.full((len(positions), 2), half))
+    # user 0 has items of categories 0, 1 (prior (1/2, 1/2)); user 1 one item of category 1 (prior (0, 1))
+    prompts = [Prompt([5, 6, 7, 8], [0] * 4, [1, 2]), Prompt([5, 6, 8], [0] * 3, [1])]
+    samples = sft.Samples(prompts, torch.tensor([[0.5, 0.5], [0.0, 1.0]]),
+                          [sft.prefix_distributions([0, 1], 2), sft.prefix_distributions([1], 2)])
+    cpu = torch.device("cpu")
+
+    def loss(shard, weight):
+        return sft.batch_loss(Uniform(), samples, shard, pack_prompts([prompts[i] for i in shard], cpu), cpu, weight).item()
+    # user KLs 0 and log 2; prefix KLs: user 0 (log 2 + 0) / 2, user 1 log 2
+    assert loss([0, 1], 0.0) == pytest.approx(math.log(2))
+    assert loss([0, 1], 1.0) == pytest.approx(2.5 * math.log(2))
+    assert loss([0], 2.0) + loss([1], 2.0) == pytest.approx(loss([0, 1], 2.0))
 
 
 def test_category_check_counts_agreement():

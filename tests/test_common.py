@@ -4,8 +4,9 @@ import torch
 
 import pytest
 
-from common import (ItemEmbedding, LoRALLM, PromptBuilder, SASRec, eval_split, left_pad, load_llm, pack_prompts,
-                    preference_kl, rank_metrics, split_user, target_ranks, token_batches, train_tensors, trim_padding)
+from common import (FullSoftmaxCE, ItemEmbedding, LoRALLM, PromptBuilder, RunGroup, SASRec, eval_split, graph_widths,
+                    left_pad, load_llm, pack_prompts, preference_kl, rank_metrics, split_user, stack_batches, target_ranks,
+                    token_batches, train_tensors, trim_padding)
 
 
 def test_rank_metrics_hand_computed():
@@ -84,6 +85,28 @@ def test_sasrec_is_causal_and_trimming_is_exact():
     trimmed, = trim_padding(seq)
     assert trimmed.shape[1] == 5
     assert torch.allclose(model(trimmed)[:, -1], out[:, -1], atol=1e-5)
+
+
+def test_a_step_gives_the_same_losses_at_every_width_that_holds_its_users():
+    # The GPU replays one CUDA graph per width of graph_widths; the CPU cuts each step to its longest user.
+    torch.manual_seed(0)
+    sequences = [[1 + (u + j) % 9 for j in range(3 + u % 6)] for u in range(12)]  # 3-8 items: 0-5 train inputs
+    inputs, targets = train_tensors(sequences, maxlen=16)
+    lengths = (inputs > 0).sum(1)
+    group = RunGroup([SASRec(ItemEmbedding(9, 8), maxlen=16, dropout=0.0) for _ in range(2)], torch.device("cpu"))
+    batches = [torch.tensor([0, 3, 5]), torch.tensor([1, 2])]  # one per run, of different lengths
+
+    def losses(shape):
+        seq, positions, row_targets = stack_batches(inputs, targets, lengths, batches, shape)
+        hidden, table, _ = group(seq)
+        rows = hidden.flatten(1, 2).gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        return FullSoftmaxCE.apply(rows, table, row_targets, torch.float32)
+    cut = losses(None)
+    assert (cut > 0).all()
+    assert int(lengths[torch.cat(batches)].max()) == 5
+    for width in (8, 16):  # the widths of graph_widths(16) that hold these users
+        assert torch.allclose(losses((4, width)), cut, atol=1e-5)
+    assert graph_widths(50) == [6, 12, 25, 50] and graph_widths(2) == [1, 2]
 
 
 def test_prompts_mark_each_item_and_write_ids_as_asked(tiny_llm):
