@@ -49,7 +49,7 @@ def add_sft_args(parser):
                         help="how an item ID enters the LLM: text (digits), code (fixed-width digits), item-token (one new "
                              "token per item, learned from scratch) or teacher-token (projected teacher embedding)")
     parser.add_argument("--max-items", type=int, default=50, help="most recent training items in a user's prompt")
-    parser.add_argument("--prefix-weight", type=float, default=1.0,
+    parser.add_argument("--prefix-weight", type=float, default=0.25,
                         help="weight of each user's mean KL over its prefixes, read at each item's last token (0: the user-level KL alone)")
     # training
     parser.add_argument("--epochs", type=int, default=8, help="most passes over all users (the cosine decay ends here)")
