@@ -532,13 +532,18 @@ def similar_length_batches(lengths, batch_size, generator, pool=50):
     return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
 
 
+def longest_user(lengths, batches):
+    """Input positions of the longest user in any of one step's batches (at least 1)."""
+    return max(1, max(int(lengths[b].max()) for b in batches))
+
+
 def stack_batches(inputs, targets, lengths, batches, shape=None):
     """One step's batches, one per run, as one [runs, B, L] tensor: cut to the longest user of any run and
     padded with empty users (padding changes nothing at real positions), or padded to the fixed `shape`
     (B, L). Also, per run, the flat positions that have a target and those targets, padded with target 0
     (which scores nothing) to the longest run; with `shape`, every position, in a fixed order.
     Built on the CPU from CPU tensors: nothing here waits for the GPU."""
-    width = shape[1] if shape else max(1, max(int(lengths[b].max()) for b in batches))
+    width = shape[1] if shape else longest_user(lengths, batches)
     seq = torch.zeros(len(batches), shape[0] if shape else max(len(b) for b in batches), width, dtype=torch.long)
     tgt = torch.zeros_like(seq)
     for run, b in enumerate(batches):
@@ -662,7 +667,7 @@ def graphed_steps(step, inputs, targets, lengths, runs, batch_size, maxlen, grou
         replays[width] = cuda_graph(step, [t.to(device) for t in example], group, opt, pool)
 
     def run(batches):
-        longest = max(int(lengths[b].max()) for b in batches)
+        longest = longest_user(lengths, batches)
         width = next(w for w in widths if w >= longest)
         stacked = stack_batches(inputs, targets, lengths, batches, (batch_size, width))
         return replays[width](*(t.to(device, non_blocking=True) for t in stacked))
