@@ -600,12 +600,19 @@ class FullSoftmaxCE(torch.autograd.Function):
         return torch.cat(grad_h, 1).float() * scale, grad_t * scale, None, None
 
 
+def run_losses(group, seq, positions, row_targets, dtype):
+    """Per run of `group`, on stacked batches (stack_batches): the summed cross-entropy at the positions that
+    have a target, and the model's extra loss. [runs], [runs]"""
+    hidden, table, extra = group(seq)
+    rows = hidden.flatten(1, 2).gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    return FullSoftmaxCE.apply(rows, table, row_targets, dtype), extra
+
+
 def training_step(group, opt, dtype, positions_per_batch):
     """One optimiser step of every run of `group` on stacked batches; returns each run's loss."""
     def step(seq, positions, row_targets):
-        hidden, table, extra = group(seq)
-        rows = hidden.flatten(1, 2).gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
-        loss = FullSoftmaxCE.apply(rows, table, row_targets, dtype) / positions_per_batch + extra
+        cross_entropy, extra = run_losses(group, seq, positions, row_targets, dtype)
+        loss = cross_entropy / positions_per_batch + extra
         opt.zero_grad(set_to_none=False)  # a captured graph keeps its gradient buffers
         loss.sum().backward()  # the runs share no parameter: each gets exactly its own gradient
         opt.step()

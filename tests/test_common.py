@@ -4,9 +4,9 @@ import torch
 
 import pytest
 
-from common import (FullSoftmaxCE, ItemEmbedding, LoRALLM, PromptBuilder, RunGroup, SASRec, eval_split, graph_widths,
-                    left_pad, load_llm, pack_prompts, preference_kl, rank_metrics, split_user, stack_batches, target_ranks,
-                    token_batches, train_tensors, trim_padding)
+from common import (ItemEmbedding, LoRALLM, PromptBuilder, RunGroup, SASRec, eval_split, graph_widths, left_pad,
+                    load_llm, pack_prompts, preference_kl, rank_metrics, run_losses, split_user, stack_batches,
+                    target_ranks, token_batches, train_tensors, trim_padding)
 
 
 def test_rank_metrics_hand_computed():
@@ -97,10 +97,7 @@ def test_a_step_gives_the_same_losses_at_every_width_that_holds_its_users():
     batches = [torch.tensor([0, 3, 5]), torch.tensor([1, 2])]  # one per run, of different lengths
 
     def losses(shape):
-        seq, positions, row_targets = stack_batches(inputs, targets, lengths, batches, shape)
-        hidden, table, _ = group(seq)
-        rows = hidden.flatten(1, 2).gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
-        return FullSoftmaxCE.apply(rows, table, row_targets, torch.float32)
+        return run_losses(group, *stack_batches(inputs, targets, lengths, batches, shape), torch.float32)[0]
     cut = losses(None)
     assert (cut > 0).all()
     assert int(lengths[torch.cat(batches)].max()) == 5
