@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -852,6 +853,44 @@ def resolve_llm_path(llm):
     raise UserError(f"--llm {llm} is not a model: give 'smollm2', a .gguf file or a Hugging Face model directory with config.json")
 
 
+def llm_dir(llm):
+    """The directory transformers loads --llm from. A GGUF file is converted once into a plain model directory in
+    the user's cache (~/.cache/p2rec/): loading from GGUF, transformers parses the file's metadata (for SmolLM2 a
+    49k-token vocabulary) three times, for the config, the tokenizer and the weights, which took most of each
+    LLM stage's start-up (20 s on a 2-core CPU); the plain directory loads in a second or two."""
+    path, gguf_file = resolve_llm_path(llm)
+    if gguf_file is None:
+        return path
+    cache_root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    cache = os.path.join(cache_root, "p2rec", f"{gguf_file}-{file_fingerprint(os.path.join(path, gguf_file))}")
+    if not os.path.exists(os.path.join(cache, "model.safetensors")):
+        convert_gguf(path, gguf_file, cache)
+    return cache
+
+
+def convert_gguf(path, gguf_file, cache):
+    """Dequantise a GGUF file into `cache`: config, tokenizer and fp32 weights (exactly the values transformers
+    reads from the GGUF). Written to a temporary directory, then renamed: processes converting at once (torchrun)
+    or a run killed halfway never leave half a directory."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"converting {gguf_file} once into {cache}")
+    tmp = f"{cache}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
+    del model.config.quantization_config  # the copy is a plain model: no GGUF left to read
+    model.config.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(path, gguf_file=gguf_file).save_pretrained(tmp)
+    weights = model.state_dict()
+    if model.config.tie_word_embeddings:  # SmolLM2: the LM head is the input embedding, tied again on loading
+        del weights["lm_head.weight"]
+    save_file({name: w.contiguous() for name, w in weights.items()}, os.path.join(tmp, "model.safetensors"))
+    try:
+        os.rename(tmp, cache)
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp)
+
+
 def load_config_and_tokenizer(llm):
     """The LLM's config and tokenizer, without its weights; one clear error when --llm is not a causal LM."""
     from transformers import AutoConfig, AutoTokenizer
@@ -859,13 +898,12 @@ def load_config_and_tokenizer(llm):
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message="Could not find a config file")  # PEFT, on GGUF directories
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")  # PEFT calls a renamed transformers API
-    path, gguf_file = resolve_llm_path(llm)
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        config = AutoConfig.from_pretrained(path, **kwargs)
+        path = llm_dir(llm)
+        config = AutoConfig.from_pretrained(path)
         if getattr(config, "is_encoder_decoder", False):
             raise UserError(f"--llm {llm} is an encoder-decoder model: P2Rec needs a decoder-only (causal) LM")
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"--llm {llm} could not be loaded ({str(err).splitlines()[0]}): give a causal LM directory or .gguf file")
     return config, tokenizer
@@ -877,12 +915,10 @@ def load_llm(llm, device, lm_head=False):
     bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow on most laptops)."""
     from transformers import AutoModel, AutoModelForCausalLM
     config, tokenizer = load_config_and_tokenizer(llm)
-    path, gguf_file = resolve_llm_path(llm)
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # SDPA: with no attention mask and causal attention it runs the flash kernel on the GPU.
     auto = AutoModelForCausalLM if lm_head else AutoModel
-    model = auto.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **kwargs).to(device)
+    model = auto.from_pretrained(llm_dir(llm), dtype=dtype, attn_implementation="sdpa").to(device)
     return model, tokenizer
 
 
