@@ -876,19 +876,21 @@ def convert_gguf(path, gguf_file, cache):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     print(f"converting {gguf_file} once into {cache}")
     tmp = f"{cache}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
-    del model.config.quantization_config  # the copy is a plain model: no GGUF left to read
-    model.config.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(path, gguf_file=gguf_file).save_pretrained(tmp)
-    weights = model.state_dict()
-    if model.config.tie_word_embeddings:  # SmolLM2: the LM head is the input embedding, tied again on loading
-        del weights["lm_head.weight"]
-    save_file({name: w.contiguous() for name, w in weights.items()}, os.path.join(tmp, "model.safetensors"))
     try:
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
+        del model.config.quantization_config  # the copy is a plain model: no GGUF left to read
+        model.config.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(path, gguf_file=gguf_file).save_pretrained(tmp)
+        weights = model.state_dict()
+        if model.config.tie_word_embeddings:  # SmolLM2: the LM head is the input embedding, tied again on loading
+            del weights["lm_head.weight"]
+        save_file({name: w.contiguous() for name, w in weights.items()}, os.path.join(tmp, "model.safetensors"))
         os.rename(tmp, cache)
-    except OSError:  # another process got there first
-        shutil.rmtree(tmp)
+    except OSError:
+        if not os.path.exists(os.path.join(cache, "model.safetensors")):  # not another process's finished copy
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_config_and_tokenizer(llm):

@@ -108,13 +108,17 @@ def test_stage_run_before_the_one_it_needs(pipeline, tmp_path, script, needs):
     assert_clean_failure(proc, f"python {needs}", out, before)
 
 
-def test_llm_that_is_not_a_causal_lm(prepared, tmp_path, tiny_llm):
+def test_llm_that_is_not_a_causal_lm(prepared, tmp_path, tiny_llm, monkeypatch):
     from transformers import T5Config
     T5Config(vocab_size=300, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2).save_pretrained(tmp_path / "t5")
-    for llm, words in ((tmp_path, "is not a model"), (tmp_path / "t5", "is an encoder-decoder model")):
+    (tmp_path / "fake.gguf").write_text("not a GGUF file")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where a GGUF would be converted
+    for llm, words in ((tmp_path, "is not a model"), (tmp_path / "t5", "is an encoder-decoder model"),
+                       (tmp_path / "fake.gguf", "could not be loaded")):
         before = snapshot(prepared)
         proc = run_stage("03_sft.py", "--data", "synth", "--out", prepared, "--llm", llm, "--k", 4, "--device", "cpu", check=False)
         assert_clean_failure(proc, words, prepared, before)
+    assert not list((tmp_path / "cache").rglob("*"))  # no half-converted copy left behind
 
 
 def test_data_changed_after_the_teacher(prepared):
