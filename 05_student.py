@@ -30,9 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (FUSIONS, KS, Dropout, ItemEmbedding, SASRec, UserError, add_common_args, add_train_args,
-                    check_made_from, check_positive, current_artifact, current_teacher, file_fingerprint, format_metrics, llm_features, load_dataset,
-                    pick_device, rank_metrics, require, run_main, save_atomic, seed_everything, split_user, stage_dir,
-                    train_recommender)
+                    check_made_from, check_positive, current_artifact, current_teacher, file_fingerprint,
+                    format_metrics, llm_features, load_dataset, pick_device, rank_metrics, require, run_main,
+                    save_atomic, seed_everything, split_user, stage_dir, train_recommender)
 
 METRICS = [f"{m}@{k}" for m in ("HR", "NDCG") for k in KS]
 VARIANTS = ("vanilla", "enhanced", "base-llm", "categories", "teacher")

@@ -920,7 +920,8 @@ def load_llm(llm, device, lm_head=False):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # SDPA: with no attention mask and causal attention it runs the flash kernel on the GPU.
     auto = AutoModelForCausalLM if lm_head else AutoModel
-    model = auto.from_pretrained(llm_dir(llm), dtype=dtype, attn_implementation="sdpa").to(device)
+    # The directory the config was read from (for a GGUF file, its converted copy): located and hashed once.
+    model = auto.from_pretrained(config.name_or_path, config=config, dtype=dtype, attn_implementation="sdpa").to(device)
     return model, tokenizer
 
 
