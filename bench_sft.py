@@ -102,6 +102,8 @@ def timed(device, fn):
 def bench_level(level, data, tokenizer, args, device):
     builder = PromptBuilder(tokenizer, args.item_repr, data["num_items"])
     train_set, infer_set = level_samples(level, data, builder, args)
+    if args.max_tokens is None:  # the budget 03_sft.py would take; the next level keeps it, for a fair comparison
+        sft.batch_defaults(args, device, sum(len(p.ids) for p in train_set.prompts))
     base = build_base(args, tokenizer, device)
     params = non_embedding_params(base)
     num_outputs = args.k if level == "user" else data["num_items"] + 1
@@ -205,7 +207,6 @@ def main():
     sft.add_sft_args(parser)
     args = parser.parse_args()
     sft.check_sft_args(args)
-    args.max_tokens = args.max_tokens or 8192
     if not 0 < args.fraction <= 1:
         raise UserError(f"--fraction must lie in (0, 1], got {args.fraction}")
     levels = args.levels.split(",")

@@ -1,3 +1,4 @@
+import argparse
 import importlib
 import json
 import math
@@ -36,6 +37,21 @@ def test_reference_kls_on_a_hand_made_case():
     assert refs["uniform_kl"] == pytest.approx(0.0, abs=1e-6)
     assert refs["mean_prior_kl"] == pytest.approx(0.5 * math.log(0.5 / (2 / 3)) + 0.5 * math.log(0.5 / (1 / 3)))
     assert sft.gap_closed(refs["mean_prior_kl"] / 4, refs)["gap_closed"] == pytest.approx(0.75)
+
+
+def test_batch_defaults_grow_on_a_gpu_but_keep_32_steps_per_epoch():
+    def defaults(device, train_tokens, world=1, **given):
+        args = argparse.Namespace(max_tokens=None, lr=None, **given)
+        sft.batch_defaults(args, torch.device(device), train_tokens, world)
+        return args.max_tokens, args.lr
+
+    assert defaults("cuda", 1_200_000) == (32768, pytest.approx(2e-3))  # Beauty: the budget alone binds
+    assert defaults("cuda", 200_000) == (6250, pytest.approx(1e-3 * math.sqrt(6250 / 8192)))  # ml-100k: 32 steps
+    assert defaults("cuda", 1_200_000, world=2) == (18750, pytest.approx(1e-3 * math.sqrt(37500 / 8192)))
+    assert defaults("cpu", 1_200_000) == (4096, pytest.approx(1e-3 * math.sqrt(0.5)))
+    args = argparse.Namespace(max_tokens=8192, lr=5e-4)
+    sft.batch_defaults(args, torch.device("cuda"), 200_000)
+    assert (args.max_tokens, args.lr) == (8192, 5e-4)  # what the user gave is kept
 
 
 def test_prefix_distributions_count_the_items_so_far():
