@@ -40,17 +40,19 @@ def test_reference_kls_on_a_hand_made_case():
 
 
 def test_batch_defaults_grow_on_a_gpu_but_keep_32_steps_per_epoch():
-    def defaults(device, train_tokens, world=1, **given):
-        args = argparse.Namespace(max_tokens=None, lr=None, **given)
-        sft.batch_defaults(args, torch.device(device), train_tokens, world)
+    def defaults(device, train_tokens, world=1, longest=200):
+        args = argparse.Namespace(max_tokens=None, lr=None)
+        lengths = [longest] + [100] * ((train_tokens - longest) // 100)
+        sft.batch_defaults(args, torch.device(device), lengths, world)
         return args.max_tokens, args.lr
 
     assert defaults("cuda", 1_200_000) == (32768, pytest.approx(2e-3))  # Beauty: the budget alone binds
     assert defaults("cuda", 200_000) == (6250, pytest.approx(1e-3 * math.sqrt(6250 / 8192)))  # ml-100k: 32 steps
     assert defaults("cuda", 1_200_000, world=2) == (18750, pytest.approx(1e-3 * math.sqrt(37500 / 8192)))
+    assert defaults("cuda", 3_000, longest=300)[0] == 300  # a tiny dataset: never below its longest prompt
     assert defaults("cpu", 1_200_000) == (4096, pytest.approx(1e-3 * math.sqrt(0.5)))
     args = argparse.Namespace(max_tokens=8192, lr=5e-4)
-    sft.batch_defaults(args, torch.device("cuda"), 200_000)
+    sft.batch_defaults(args, torch.device("cuda"), [100] * 2000)
     assert (args.max_tokens, args.lr) == (8192, 5e-4)  # what the user gave is kept
 
 
