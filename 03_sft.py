@@ -75,14 +75,15 @@ def add_sft_args(parser):
                              "comma-separated module names, such as q_proj,v_proj")
 
 
-def batch_defaults(args, device, prompt_lengths, world=1):
+def batch_defaults(args, device, prompts, world=1):
     """--max-tokens and --lr where not given. On a GPU a small LLM's step costs about the same for 8k or 32k
     tokens (it is bound by kernel launches), so the GPU takes 32k-token batches, but never more than 1/32 of an
     epoch's tokens (nor less than the longest prompt): a small dataset still gets 32 optimiser steps per epoch
     (ml-100k got 6 and fitted worse). The learning rate grows with the square root of the whole batch, from
     1e-3 at 8192 tokens."""
     if args.max_tokens is None:
-        per_step = max(max(prompt_lengths), sum(prompt_lengths) // (32 * world))
+        lengths = [len(p.ids) for p in prompts]
+        per_step = max(max(lengths), sum(lengths) // (32 * world))
         args.max_tokens = min(32768, per_step) if device.type == "cuda" else 4096
     args.lr = args.lr or 1e-3 * math.sqrt(args.max_tokens * world / 8192)
 
@@ -473,7 +474,7 @@ def main():
     categories = categories_and_priors(args, inputs)
     base, tokenizer = load_llm(args.llm, device)
     train_set, val_set, refs = build_samples(args, data, tokenizer, categories)
-    batch_defaults(args, device, [len(p.ids) for p in train_set.prompts], world)
+    batch_defaults(args, device, train_set.prompts, world)
     num_outputs = args.k if args.level == "user" else data["num_items"] + 1  # item 0 is padding, never a target
     model = LoRALLM(base, num_outputs, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets,
                     item_repr=args.item_repr, num_items=data["num_items"], teacher_item_emb=inputs["teacher_emb"]).to(device)

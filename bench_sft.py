@@ -102,8 +102,7 @@ def timed(device, fn):
 def bench_level(level, data, tokenizer, args, device):
     builder = PromptBuilder(tokenizer, args.item_repr, data["num_items"])
     train_set, infer_set = level_samples(level, data, builder, args)
-    if args.max_tokens is None:  # the budget 03_sft.py would take; the next level keeps it, for a fair comparison
-        sft.batch_defaults(args, device, [len(p.ids) for p in train_set.prompts])
+    sft.batch_defaults(args, device, train_set.prompts)  # as 03_sft.py; a later level keeps the first one's budget
     base = build_base(args, tokenizer, device)
     params = non_embedding_params(base)
     num_outputs = args.k if level == "user" else data["num_items"] + 1

@@ -43,7 +43,7 @@ def test_batch_defaults_grow_on_a_gpu_but_keep_32_steps_per_epoch():
     def defaults(device, train_tokens, world=1, longest=200):
         args = argparse.Namespace(max_tokens=None, lr=None)
         lengths = [longest] + [100] * ((train_tokens - longest) // 100)
-        sft.batch_defaults(args, torch.device(device), lengths, world)
+        sft.batch_defaults(args, torch.device(device), [Prompt(list(range(n)), [], []) for n in lengths], world)
         return args.max_tokens, args.lr
 
     assert defaults("cuda", 1_200_000) == (32768, pytest.approx(2e-3))  # Beauty: the budget alone binds
@@ -52,7 +52,7 @@ def test_batch_defaults_grow_on_a_gpu_but_keep_32_steps_per_epoch():
     assert defaults("cuda", 3_000, longest=300)[0] == 300  # a tiny dataset: never below its longest prompt
     assert defaults("cpu", 1_200_000) == (4096, pytest.approx(1e-3 * math.sqrt(0.5)))
     args = argparse.Namespace(max_tokens=8192, lr=5e-4)
-    sft.batch_defaults(args, torch.device("cuda"), [100] * 2000)
+    sft.batch_defaults(args, torch.device("cuda"), [Prompt(list(range(100)), [], [])] * 2000)
     assert (args.max_tokens, args.lr) == (8192, 5e-4)  # what the user gave is kept
 
 
