@@ -32,7 +32,9 @@ def main():
     data = load_dataset(args)
     device = pick_device(args.device)
     seed_everything(args.seed)  # the initial weights too, so the same seed gives the same teacher
-    model = SASRec(ItemEmbedding(data["num_items"], args.dim), args.maxlen, args.blocks, args.heads, args.dropout)
+    xavier = args.init == "xavier"
+    model = SASRec(ItemEmbedding(data["num_items"], args.dim, xavier=xavier), args.maxlen, args.blocks, args.heads,
+                   args.dropout, xavier)
     out = stage_dir(args)
     checkpoint = os.path.join(out, "teacher.ckpt.pt")  # a killed run resumes from here
     result, = train_recommender([model], [args.seed], data["sequences"], args, device, desc="teacher",

@@ -100,9 +100,10 @@ class GRU4Rec(nn.Module):
 
 
 def build_model(name, num_items, args, features):
-    items = ItemEmbedding(num_items, args.dim, features, args.fuse, args.align_weight)
+    xavier = name == "sasrec" and args.init == "xavier"
+    items = ItemEmbedding(num_items, args.dim, features, args.fuse, args.align_weight, xavier)
     if name == "sasrec":
-        return SASRec(items, args.maxlen, args.blocks, args.heads, args.dropout)
+        return SASRec(items, args.maxlen, args.blocks, args.heads, args.dropout, xavier)
     return GRU4Rec(items, args.dropout)
 
 

@@ -390,21 +390,24 @@ class ItemEmbedding(nn.Module):
       align: a free ID embedding, plus `align_weight` x the mean squared distance between each item's ID
              embedding and a learned linear map of its frozen features, added to the loss: items seen rarely
              are pulled toward what the features say of them, frequent ones follow their data.
-    Vanilla and enhanced runs draw the same random ID embedding for the same seed."""
+    Vanilla and enhanced runs draw the same random ID embedding for the same seed. The random table has
+    standard deviation 1/sqrt(dim), or with `xavier` Xavier-normal's sqrt(2 / (rows + dim)) (SASRec.pytorch's,
+    far smaller); the features are scaled to the same."""
 
-    def __init__(self, num_items, dim, features=None, fuse="init", align_weight=1.0):
+    def __init__(self, num_items, dim, features=None, fuse="init", align_weight=1.0, xavier=False):
         super().__init__()
         self.id_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
-        nn.init.normal_(self.id_emb.weight, std=dim ** -0.5)
+        std = math.sqrt(2 / (num_items + 1 + dim)) if xavier else dim ** -0.5
+        nn.init.normal_(self.id_emb.weight, std=std)
         self.fuse, self.align_weight = fuse if features is not None else None, align_weight
         if self.fuse == "init":
             with torch.no_grad():  # columns past the features' rank keep their random start
-                self.id_emb.weight[:, :features.shape[1]] = features * dim ** -0.5
+                self.id_emb.weight[:, :features.shape[1]] = features * std
         elif self.fuse in ("add", "align"):
             # The map draws no random numbers, so the rest of the model starts as the vanilla run's does.
             # add: it starts at 0 (the plain ID table); align: at the init-scaled features.
             self.register_buffer("features", features)
-            self.proj = nn.Parameter(torch.eye(features.shape[1], dim) * dim ** -0.5 * (fuse == "align"))
+            self.proj = nn.Parameter(torch.eye(features.shape[1], dim) * std * (fuse == "align"))
 
     def table(self):
         if self.fuse == "add":
@@ -441,9 +444,10 @@ class SASRecBlock(nn.Module):
 
 class SASRec(nn.Module):
     """SASRec: item + learned position embeddings, causal self-attention blocks, dot-product scores
-    against the (shared) item embedding table `items` (an ItemEmbedding)."""
+    against the (shared) item embedding table `items` (an ItemEmbedding). With `xavier` every weight matrix and
+    the position table start Xavier-normal, as in SASRec.pytorch (the item table's start is `items`' own)."""
 
-    def __init__(self, items, maxlen=50, num_blocks=2, num_heads=1, dropout=0.5):
+    def __init__(self, items, maxlen=50, num_blocks=2, num_heads=1, dropout=0.5, xavier=False):
         super().__init__()
         dim = items.id_emb.embedding_dim
         self.items = items
@@ -451,6 +455,9 @@ class SASRec(nn.Module):
         self.emb_drop = Dropout(dropout)
         self.blocks = nn.ModuleList(SASRecBlock(dim, num_heads, dropout) for _ in range(num_blocks))
         self.ln_out = nn.LayerNorm(dim)
+        for name, weight in self.named_parameters():
+            if xavier and weight.dim() == 2 and not name.startswith("items."):
+                nn.init.xavier_normal_(weight)
 
     def item_table(self):
         return self.items.table()
@@ -776,6 +783,10 @@ def add_train_args(parser, epochs, lr=1e-3):
     parser.add_argument("--maxlen", type=int, default=50, help="most recent items the model reads")
     parser.add_argument("--dim", type=int, default=64, help="embedding size")
     parser.add_argument("--dropout", type=float, default=0.5, help="dropout rate")
+    parser.add_argument("--init", choices=("normal", "xavier"), default="normal",
+                        help="SASRec's initial weights: normal (item table N(0, 1/dim), PyTorch's defaults elsewhere) or "
+                             "xavier (SASRec.pytorch's Xavier-normal for the item and position tables and every weight "
+                             "matrix); GRU4Rec keeps nn.GRU's")
     parser.add_argument("--no-cuda-graph", action="store_true",
                         help="on a GPU, run each step eagerly (cut to its longest user) instead of replaying one CUDA graph")
 

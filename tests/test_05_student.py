@@ -51,6 +51,22 @@ def test_fusions_use_the_features():
     assert ItemEmbedding(10, 8, features, "init").regulariser() == 0
 
 
+def test_xavier_init_scales_the_item_table_and_keeps_the_variants_paired():
+    features = llm_features(torch.randn(2001, 24), 16)
+    std = (2 / (2001 + 16)) ** 0.5
+    torch.manual_seed(0)
+    vanilla = SASRec(ItemEmbedding(2000, 16, xavier=True), maxlen=10, xavier=True)
+    torch.manual_seed(0)
+    enhanced = SASRec(ItemEmbedding(2000, 16, features, "init", xavier=True), maxlen=10, xavier=True)
+    assert abs(vanilla.item_table()[1:].std().item() / std - 1) < 0.05
+    assert torch.allclose(enhanced.item_table(), features * std)
+    rest = [(name, w) for name, w in vanilla.named_parameters() if not name.startswith("items.")]
+    assert all(torch.equal(w, enhanced.get_parameter(name)) for name, w in rest)
+    torch.manual_seed(0)
+    normal = SASRec(ItemEmbedding(2000, 16), maxlen=10)
+    assert not torch.allclose(normal.pos_emb.weight.std(), vanilla.pos_emb.weight.std(), rtol=0.1)
+
+
 def test_gru4rec_ignores_padding_and_is_causal():
     torch.manual_seed(0)
     model = student.GRU4Rec(ItemEmbedding(20, 8), dropout=0.0).eval()
