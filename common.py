@@ -455,9 +455,10 @@ class SASRec(nn.Module):
         self.emb_drop = Dropout(dropout)
         self.blocks = nn.ModuleList(SASRecBlock(dim, num_heads, dropout) for _ in range(num_blocks))
         self.ln_out = nn.LayerNorm(dim)
-        for name, weight in self.named_parameters():
-            if xavier and weight.dim() == 2 and not name.startswith("items."):
-                nn.init.xavier_normal_(weight)
+        if xavier:
+            for name, weight in self.named_parameters():
+                if weight.dim() == 2 and not name.startswith("items."):
+                    nn.init.xavier_normal_(weight)
 
     def item_table(self):
         return self.items.table()
