@@ -106,13 +106,14 @@ def test_user_level_sft_artifacts(pipeline, tiny_llm):
     assert any("lora_" in name for name, _ in tuned.named_parameters())
 
 
-@pytest.mark.parametrize("arch", ["qwen2"])
-def test_item_tokens_and_other_architectures(pipeline, tmp_path, arch):
-    """Items as new tokens initialised from the teacher (the pipeline fixture covers text IDs), on a Qwen2-style model."""
-    llm = make_tiny_llm(tmp_path / arch, arch=arch)
+@pytest.mark.parametrize("item_repr", ["text", "teacher-token"])
+def test_other_item_reprs_and_architectures(pipeline, tmp_path, item_repr):
+    """Items as text IDs and as new tokens initialised from the teacher (the pipeline fixture covers the default,
+    item tokens learned from scratch), on a Qwen2-style model."""
+    llm = make_tiny_llm(tmp_path / "qwen2", arch="qwen2")
     out = copy_artifacts(pipeline, tmp_path / "out", "dataset.json", "teacher.pt")
     run_stage("03_sft.py", "--data", "synth", "--out", out, "--llm", llm, "--k", 4, "--epochs", 1,
-              "--item-repr", "teacher-token", "--max-tokens", 2048, "--device", "cpu")
+              "--item-repr", item_repr, "--max-tokens", 2048, "--device", "cpu")
     run_stage("04_embed.py", "--data", "synth", "--out", out, "--device", "cpu")
     assert torch.load(out / "synth" / "item_emb.pt").shape == (41, 32)
 
