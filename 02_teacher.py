@@ -6,14 +6,16 @@ Writes out/<dataset>/teacher.pt        model weights, its item embedding table a
        out/<dataset>/teacher_metrics.json  best epoch, validation and test metrics, per-epoch history
 
 $ python 02_teacher.py --data beauty
-Full-softmax cross-entropy over all items at every position; the epoch with the best validation
-NDCG@10 is kept and scored on the test split, ranking the target against all items.
+$ python 02_teacher.py --data beauty --loss bce     # SASRec's original loss, one sampled negative per position
+Full-softmax cross-entropy over all items at every position (or --loss bce); validation NDCG@10 after every
+epoch, early stopping after --patience epochs without improvement; the best epoch is kept and scored on the
+test split, ranking the target against all items (and, labelled 'sampled_', against 100 sampled items).
 Interrupted (Ctrl-C, kill -9)? Run the same command again: it resumes from out/<dataset>/teacher.ckpt.pt.
 """
 import argparse
 import os
 
-from common import (ItemEmbedding, SASRec, UserError, add_common_args, add_train_args, check_positive, format_metrics,
+from common import (LOSSES, ItemEmbedding, SASRec, UserError, add_common_args, add_train_args, check_positive, format_metrics,
                     load_dataset, pick_device, run_main, run_settings, save_atomic, seed_everything, stage_dir,
                     train_recommender)
 
@@ -21,11 +23,13 @@ from common import (ItemEmbedding, SASRec, UserError, add_common_args, add_train
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
-    add_train_args(parser, epochs=40)
+    add_train_args(parser)
+    parser.add_argument("--loss", choices=LOSSES, default="ce", help="ce: full-softmax cross-entropy over all items; "
+                        "bce: binary cross-entropy with one sampled negative per position (SASRec.pytorch's)")
     parser.add_argument("--blocks", type=int, default=2, help="self-attention blocks")
     parser.add_argument("--heads", type=int, default=1, help="attention heads")
     args = parser.parse_args()
-    check_positive(args, "epochs", "batch_size", "lr", "maxlen", "dim", "blocks", "heads")
+    check_positive(args, "epochs", "patience", "batch_size", "lr", "maxlen", "dim", "blocks", "heads")
     if args.dim % args.heads:
         raise UserError(f"--dim {args.dim} must be divisible by --heads {args.heads}")
 
@@ -38,7 +42,7 @@ def main():
     out = stage_dir(args)
     checkpoint = os.path.join(out, "teacher.ckpt.pt")  # a killed run resumes from here
     result, = train_recommender([model], [args.seed], data["sequences"], args, device, desc="teacher",
-                                checkpoint=checkpoint, settings=run_settings(args, dataset_fingerprint=data["fingerprint"]))
+                                loss=args.loss, checkpoint=checkpoint, settings=run_settings(args, dataset_fingerprint=data["fingerprint"]))
     result.pop("test_ranks")
 
     meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"]}
@@ -46,8 +50,11 @@ def main():
                  "num_items": data["num_items"]}, os.path.join(out, "teacher.pt"), meta)
     save_atomic(result, os.path.join(out, "teacher_metrics.json"), meta)
     os.remove(checkpoint)
-    print(f"teacher: best epoch {result['best_epoch']}, {result['train_s_per_epoch']:.1f} s/epoch on {device}; "
-          f"test {format_metrics(result['test'])} | seen items masked: {format_metrics(result['test'], 'masked_')}")
+    print(f"teacher ({args.loss}): best epoch {result['best_epoch']} of {result['last_epoch']}"
+          f"{'' if result['converged'] else ' (still improving at --epochs: raise it)'}, "
+          f"{result['train_s_per_epoch']:.1f} s/epoch on {device}; test {format_metrics(result['test'])} | seen items "
+          f"masked: {format_metrics(result['test'], 'masked_')} | sampled ({result['sampled_candidates']} candidates): "
+          f"{format_metrics(result['test'], 'sampled_')}")
 
 
 if __name__ == "__main__":

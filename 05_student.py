@@ -3,13 +3,15 @@ Stage 5: train future SRS models with and without the LLM-enhanced item embeddin
 
 Reads  out/<dataset>/dataset.json, out/<dataset>/item_emb.pt        (01_prepare.py, 04_embed.py)
        out/<dataset>/item_emb_base.pt, categories.pt                (04_embed.py --base, 03_sft.py: the controls)
-Writes out/<dataset>/results.json   test metrics of every (model, variant, seed), subgroups, validation, history
-       out/<dataset>/results.md     the table: mean ± std over seeds, lift over vanilla, subgroups
-       out/<dataset>/results.png    the lift per seed (only where matplotlib is installed)
+Writes out/<dataset>/results.json   test metrics of every (loss, model, variant, seed) under both protocols, subgroups,
+                                    best epochs, validation, history
+       out/<dataset>/results.md     the tables: lifts over vanilla, mean ± std over seeds, best epochs, subgroups
+       out/<dataset>/results.png    the lifts per seed, both protocols (only where matplotlib is installed)
        out/<dataset>/student.pt     the enhanced SASRec of the first seed (for the baselines' side-by-side)
 
 $ python 05_student.py --data beauty --seeds 42 43 44
 $ python 05_student.py --data beauty --variants vanilla,enhanced,base-llm,categories    # with both controls
+$ python 05_student.py --data beauty --loss ce,bce --seeds 42 43 44    # our protocol beside the paper's (reproduce.sh)
 
 Variants, all trained alike (same seeds, settings and initial weights apart from the item table):
   vanilla   a plain ID embedding table;
@@ -19,20 +21,26 @@ Variants, all trained alike (same seeds, settings and initial weights apart from
   teacher   fused with the teacher's own item table (02_teacher.py): all the clusters were cut from.
 How an SRS model takes them (--fuse; common.ItemEmbedding): init (the ID table starts from them), add (a learned
 map of them is added at every step) or align (a loss pulls the ID table toward a learned map of them).
+Two training losses (--loss): ce, full-softmax cross-entropy over all items (ours, the strong baseline), and bce,
+binary cross-entropy with one sampled negative per position (SASRec's original, what the papers' baselines use).
+Every run stops on its own, --patience epochs after its best validation NDCG@10. Every test metric comes twice:
+full ranking over all items (ours) and 'sampled_', the target among 100 items the user never interacted with (the
+papers'), the same candidates for every run.
 On a GPU all runs of one structure train together as one (common.RunGroup): the same runs, a fraction of the time.
 """
 import argparse
 import os
 import statistics
+import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (FUSIONS, KS, Dropout, ItemEmbedding, SASRec, UserError, add_common_args, add_train_args,
+from common import (FUSIONS, KS, LOSSES, Dropout, ItemEmbedding, SASRec, UserError, add_common_args, add_train_args,
                     check_made_from, check_positive, current_artifact, current_teacher, file_fingerprint,
                     format_metrics, llm_features, load_dataset, pick_device, rank_metrics, require, run_main,
-                    save_atomic, seed_everything, split_user, stage_dir, train_recommender)
+                    run_settings, save_atomic, seed_everything, split_user, stage_dir, train_recommender)
 
 METRICS = [f"{m}@{k}" for m in ("HR", "NDCG") for k in KS]
 VARIANTS = ("vanilla", "enhanced", "base-llm", "categories", "teacher")
@@ -42,7 +50,9 @@ SUBGROUPS = ("tail items", "head items", "short users", "long users")
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, seed=False)
-    add_train_args(parser, epochs=40)
+    add_train_args(parser)
+    parser.add_argument("--loss", default="ce", help="comma-separated: ce (full-softmax cross-entropy) and/or bce (binary "
+                        "cross-entropy, one sampled negative per position)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="one run of every variant per model and seed")
     parser.add_argument("--models", default="sasrec,gru4rec", help="comma-separated: sasrec, gru4rec")
     parser.add_argument("--variants", default="vanilla,enhanced", help=f"comma-separated: {', '.join(VARIANTS)}")
@@ -54,9 +64,10 @@ def parse_args():
                         help="train runs of one structure together (auto: on a GPU, where it saves time; on a CPU "
                              "one at a time is as fast)")
     args = parser.parse_args()
-    check_positive(args, "epochs", "batch_size", "lr", "maxlen", "dim", "blocks", "heads", "align_weight")
-    args.models, args.variants = args.models.split(","), args.variants.split(",")
-    for option, given, known in (("--models", args.models, ("sasrec", "gru4rec")), ("--variants", args.variants, VARIANTS)):
+    check_positive(args, "epochs", "patience", "batch_size", "lr", "maxlen", "dim", "blocks", "heads", "align_weight")
+    args.models, args.variants, args.loss = args.models.split(","), args.variants.split(","), args.loss.split(",")
+    for option, given, known in (("--models", args.models, ("sasrec", "gru4rec")), ("--variants", args.variants, VARIANTS),
+                                 ("--loss", args.loss, LOSSES)):
         unknown = [name for name in given if name not in known]
         if unknown:
             raise UserError(f"unknown {option} entry {unknown[0]}: choose from {', '.join(known)}")
@@ -143,23 +154,24 @@ def current_embeddings(args, data, out, name, flag):
 # ----------------------------------------------------------------------------- training, grouped
 
 def plan_groups(runs, together):
-    """Runs that can be stacked (same model structure: same parameter names and shapes) go into one group;
-    without `together`, every run is a group of its own."""
+    """Runs of one loss that can be stacked (same model structure: same parameter names and shapes) go into one
+    group; without `together`, every run is a group of its own."""
     groups = {}
     for run in runs:
-        key = tuple((name, tuple(t.shape)) for name, t in run["model"].state_dict().items()) if together else id(run)
-        groups.setdefault(key, []).append(run)
+        structure = tuple((name, tuple(t.shape)) for name, t in run["model"].state_dict().items())
+        groups.setdefault((run["loss"], structure) if together else id(run), []).append(run)
     return list(groups.values())
 
 
 def build_runs(args, data, features):
     runs = []
-    for model_name in args.models:
-        for seed in args.seeds:
-            for variant in args.variants:
-                seed_everything(seed)  # the same initial weights for every variant of a seed, item fusion aside
-                model = build_model(model_name, data["num_items"], args, features[variant])
-                runs.append({"model_name": model_name, "variant": variant, "seed": seed, "model": model})
+    for loss in args.loss:
+        for model_name in args.models:
+            for seed in args.seeds:
+                for variant in args.variants:
+                    seed_everything(seed)  # the same initial weights for every variant and loss of a seed, item fusion aside
+                    model = build_model(model_name, data["num_items"], args, features[variant])
+                    runs.append({"loss": loss, "model_name": model_name, "variant": variant, "seed": seed, "model": model})
     return runs
 
 
@@ -187,66 +199,140 @@ def cell(values):
     return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
 
 
+def arms(runs):
+    """{(loss, model): {variant: [runs, in seed order]}}, in the order the runs came."""
+    out = {}
+    for r in runs:
+        out.setdefault((r["loss"], r["model"]), {}).setdefault(r["variant"], []).append(r)
+    return out
+
+
+def paired_lifts(variant_runs, vanilla_runs, metric):
+    """The variant's lift over vanilla in % for each seed (each run against the vanilla run of its seed)."""
+    vanilla = {r["seed"]: r["test"][metric] for r in vanilla_runs}
+    return [100 * (r["test"][metric] / vanilla[r["seed"]] - 1) for r in variant_runs]
+
+
+def lift_cell(variant_runs, vanilla_runs, metric):
+    """'+x.x% ± s.s': the mean and std of the per-seed lifts; '*' where the variant's mean is above vanilla's by more
+    than twice the larger of the two arms' standard deviations (our bar for a lift)."""
+    lifts = mean_std(paired_lifts(variant_runs, vanilla_runs, metric))
+    (mean, std), (base, base_std) = (mean_std([r["test"][metric] for r in rs]) for rs in (variant_runs, vanilla_runs))
+    clear = std is not None and mean - base > 2 * max(std, base_std)
+    return f"{lifts[0]:+.1f}%" + (f" ± {lifts[1]:.1f}" if lifts[1] is not None else "") + " *" * clear
+
+
+def epochs_cell(of):
+    """Best epochs over seeds, '!' where a run was still improving when it reached --epochs."""
+    best = sorted(r["best_epoch"] for r in of)
+    return (f"{best[0]}" if best[0] == best[-1] else f"{best[0]}-{best[-1]}") + "!" * any(not r["converged"] for r in of)
+
+
+LIFT_METRICS = ("NDCG@10", "HR@10", "sampled_NDCG@10", "sampled_HR@10")
+
+
 def markdown_table(runs, dataset, fuse):
-    """Mean (± std over seeds) of each test metric per model and variant, each variant's lift over vanilla, and
-    NDCG@10 / HR@10 by subgroup."""
-    variants = list(dict.fromkeys(r["variant"] for r in runs))
-    lines = [f"Test split of {dataset}, full ranking over all items (history not masked); item tables fused by "
-             f"'{fuse}'.", "", "| model | variant | seeds | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 3) + "|"]
-    for model in dict.fromkeys(r["model"] for r in runs):
-        of = {v: [r for r in runs if r["model"] == model and r["variant"] == v] for v in variants}
-        for variant in variants:
-            lines.append(f"| {model} | {variant} | {len(of[variant])} | "
-                         + " | ".join(cell([r["test"][m] for r in of[variant]]) for m in METRICS) + " |")
-        for variant in variants[1:]:
-            lift = [f"{100 * (mean_std([r['test'][m] for r in of[variant]])[0] / mean_std([r['test'][m] for r in of['vanilla']])[0] - 1):+.1f}%"
-                    for m in METRICS]
-            lines.append(f"| {model} | lift of {variant} | | " + " | ".join(lift) + " |")
-    lines += ["", "By subgroup (test users; NDCG@10, then HR@10):", "",
-              "| model | variant | " + " | ".join(SUBGROUPS) + " |", "|---" * (len(SUBGROUPS) + 2) + "|"]
-    for model in dict.fromkeys(r["model"] for r in runs):
-        for variant in variants:
-            of = [r for r in runs if r["model"] == model and r["variant"] == variant]
-            cells = [f"{mean_std([r['subgroups'][g]['NDCG@10'] for r in of])[0]:.4f} / "
-                     f"{mean_std([r['subgroups'][g]['HR@10'] for r in of])[0]:.4f}" if g in of[0]["subgroups"] else "-"
+    """The lifts over vanilla under both protocols, then per protocol the mean (± std over seeds) of each test
+    metric with the best epochs, then NDCG@10 / HR@10 by subgroup."""
+    candidates = runs[0]["sampled_candidates"]
+    lines = [f"Test split of {dataset}; item tables fused by '{fuse}'. Full: the target ranked among all items "
+             f"(history not masked). Sampled: among itself and {candidates - 1} items the user never interacted with "
+             f"(the same for every run). Best epochs: by validation NDCG@10 (full), '!' where a run hit --epochs "
+             f"while still improving.", "",
+             "Lift over vanilla: mean ± std of the per-seed lifts; * where the variant's mean is above vanilla's by "
+             "more than twice the larger standard deviation of the two.", "",
+             "| loss | model | variant | " + " | ".join(m.replace("sampled_", "sampled ") for m in LIFT_METRICS)
+             + " | best epochs |", "|---" * (len(LIFT_METRICS) + 4) + "|"]
+    for (loss, model), of in arms(runs).items():
+        for variant, rs in of.items():
+            cells = ([cell([r["test"][m] for r in rs]) for m in LIFT_METRICS] if variant == "vanilla"
+                     else [lift_cell(rs, of["vanilla"], m) for m in LIFT_METRICS])
+            lines.append(f"| {loss} | {model} | {variant} | " + " | ".join(cells) + f" | {epochs_cell(rs)} |")
+    for title, prefix in (("Full ranking", ""), (f"Sampled ({candidates} candidates)", "sampled_")):
+        lines += ["", f"{title}, mean ± std over seeds:", "",
+                  "| loss | model | variant | seeds | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 4) + "|"]
+        for (loss, model), of in arms(runs).items():
+            for variant, rs in of.items():
+                lines.append(f"| {loss} | {model} | {variant} | {len(rs)} | "
+                             + " | ".join(cell([r["test"][prefix + m] for r in rs]) for m in METRICS) + " |")
+    lines += ["", "By subgroup (full ranking; NDCG@10, then HR@10):", "",
+              "| loss | model | variant | " + " | ".join(SUBGROUPS) + " |", "|---" * (len(SUBGROUPS) + 3) + "|"]
+    for (loss, model), of in arms(runs).items():
+        for variant, rs in of.items():
+            cells = [f"{mean_std([r['subgroups'][g]['NDCG@10'] for r in rs])[0]:.4f} / "
+                     f"{mean_std([r['subgroups'][g]['HR@10'] for r in rs])[0]:.4f}" if g in rs[0]["subgroups"] else "-"
                      for g in SUBGROUPS]
-            lines.append(f"| {model} | {variant} | " + " | ".join(cells) + " |")
+            lines.append(f"| {loss} | {model} | {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def save_chart(runs, path, title):
-    """The lift of NDCG@10 and HR@10 over vanilla, per model and variant: one dot per seed (paired with the
-    vanilla run of that seed), a bar for the mean. Drawn only where matplotlib is installed (optional)."""
+    """The lift of NDCG@10 and HR@10 over vanilla per loss, model and variant, full ranking above and sampled below:
+    a bar for the mean, one dot per seed (paired with the vanilla run of that seed). Drawn only where matplotlib is
+    installed (optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    models = list(dict.fromkeys(r["model"] for r in runs))
+    panels = arms(runs)
     variants = [v for v in dict.fromkeys(r["variant"] for r in runs) if v != "vanilla"]
     if not variants:
         return False
-    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models) + 1, 3.2), squeeze=False, sharey=True)
-    for ax, model in zip(axes[0], models):
-        vanilla = {r["seed"]: r["test"] for r in runs if r["model"] == model and r["variant"] == "vanilla"}
-        for offset, metric in ((-0.2, "NDCG@10"), (0.2, "HR@10")):
-            for x, variant in enumerate(variants):
-                lifts = [100 * (r["test"][metric] / vanilla[r["seed"]][metric] - 1)
-                         for r in runs if r["model"] == model and r["variant"] == variant]
-                ax.bar(x + offset, statistics.mean(lifts), width=0.4, color="C0" if metric == "NDCG@10" else "C1",
-                       label=metric if x == 0 else None)
-                ax.scatter([x + offset] * len(lifts), lifts, color="black", s=8, zorder=3)
-        ax.axhline(0, color="grey", linewidth=0.8)
-        ax.set_xticks(range(len(variants)), variants, fontsize=8)
-        ax.set_title(model, fontsize=9)
-    axes[0][0].set_ylabel("test lift over vanilla (%)")
+    fig, axes = plt.subplots(2, len(panels), figsize=(3.2 * len(panels) + 1, 6), squeeze=False, sharey="row")
+    for row, prefix in enumerate(("", "sampled_")):
+        for ax, ((loss, model), of) in zip(axes[row], panels.items()):
+            for offset, metric in ((-0.2, "NDCG@10"), (0.2, "HR@10")):
+                for x, variant in enumerate(variants):
+                    lifts = paired_lifts(of[variant], of["vanilla"], prefix + metric)
+                    ax.bar(x + offset, statistics.mean(lifts), width=0.4, color="C0" if metric == "NDCG@10" else "C1",
+                           label=metric if x == 0 else None)
+                    ax.scatter([x + offset] * len(lifts), lifts, color="black", s=8, zorder=3)
+            ax.axhline(0, color="grey", linewidth=0.8)
+            ax.set_xticks(range(len(variants)), variants, fontsize=8)
+            ax.set_title(f"{model}, {loss}, {'sampled' if prefix else 'full ranking'}", fontsize=9)
+        axes[row][0].set_ylabel("test lift over vanilla (%)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=110)
     os.replace(path + ".tmp.png", path)
     return True
+
+
+def finished_groups(checkpoint, settings, force):
+    """{group name: its runs' results} from an interrupted run of the same command, else {}."""
+    if not os.path.exists(checkpoint):
+        return {}
+    saved = torch.load(checkpoint, weights_only=False)
+    if saved["settings"] != settings:
+        if not force:
+            raise UserError(f"{checkpoint} holds runs of other arguments or inputs: rerun that command to finish it, "
+                            f"or pass --force to discard it and start over")
+        return {}
+    print(f"resuming from {checkpoint}: {len(saved['finished'])} group(s) of runs were done")
+    return saved["finished"]
+
+
+def train_group(group, name, args, data, device, masks, out):
+    """Train one group of runs (trained together on a GPU), print a line per run, and return their results."""
+    trained = train_recommender([r["model"] for r in group], [r["seed"] for r in group], data["sequences"], args,
+                                device, desc=name, loss=group[0]["loss"])
+    results = []
+    for run, result in zip(group, trained):
+        ranks = result.pop("test_ranks")
+        result["subgroups"] = {g: {"users": int(mask.sum()), **rank_metrics(ranks[mask])}
+                               for g, mask in masks.items() if mask.any()}  # ml-100k has no short users
+        results.append({"loss": run["loss"], "model": run["model_name"], "variant": run["variant"], "seed": run["seed"],
+                        **result})
+        print(f"{run['loss']:3s} {run['model_name']:8s} {run['variant']:10s} seed {run['seed']}: best epoch "
+              f"{result['best_epoch']:4d} of {result['last_epoch']:4d}{'' if result['converged'] else ' (hit --epochs)'}, "
+              f"test {format_metrics(result['test'])} | sampled {format_metrics(result['test'], 'sampled_')}")
+        if (run["loss"], run["model_name"], run["variant"], run["seed"]) == (args.loss[0], "sasrec", "enhanced", args.seeds[0]):
+            save_atomic({"state": run["model"].state_dict(), "item_emb": run["model"].item_table().detach().cpu(),
+                         "args": vars(args)}, os.path.join(out, "student.pt"))
+    return results
 
 
 def main():
@@ -258,31 +344,29 @@ def main():
     together = args.together == "yes" or (args.together == "auto" and device.type == "cuda")
     masks = subgroup_masks(data["sequences"], data["num_items"])
 
-    results = []
+    inputs = {name: file_fingerprint(os.path.join(out, name)) for name in ("item_emb.pt", "item_emb_base.pt", "categories.pt")
+              if os.path.exists(os.path.join(out, name))}
+    # Every finished group of runs is kept here: after Ctrl-C or kill -9 the same command trains only what is left.
+    checkpoint = os.path.join(out, "students.ckpt.pt")
+    settings = run_settings(args, dataset_fingerprint=data["fingerprint"], inputs=inputs)
+    finished = finished_groups(checkpoint, settings, args.force)
+    results, start = [], time.time()
     for group in plan_groups(build_runs(args, data, features), together):
-        names = ", ".join(f"{r['variant']} s{r['seed']}" for r in group)
-        trained = train_recommender([r["model"] for r in group], [r["seed"] for r in group], data["sequences"], args,
-                                    device, desc=f"{group[0]['model_name']} {names}")
-        for run, result in zip(group, trained):
-            ranks = result.pop("test_ranks")
-            result["subgroups"] = {g: {"users": int(mask.sum()), **rank_metrics(ranks[mask])}
-                                   for g, mask in masks.items() if mask.any()}  # ml-100k has no short users
-            results.append({"model": run["model_name"], "variant": run["variant"], "seed": run["seed"], **result})
-            print(f"{run['model_name']:8s} {run['variant']:10s} seed {run['seed']}: best epoch {result['best_epoch']:3d}, "
-                  f"test {format_metrics(result['test'])}")
-            if (run["model_name"], run["variant"], run["seed"]) == ("sasrec", "enhanced", args.seeds[0]):
-                save_atomic({"state": run["model"].state_dict(), "item_emb": run["model"].item_table().detach().cpu(),
-                             "args": vars(args)}, os.path.join(out, "student.pt"))
+        name = f"{group[0]['loss']} {group[0]['model_name']} " + ", ".join(f"{r['variant']} s{r['seed']}" for r in group)
+        if name not in finished:
+            finished[name] = train_group(group, name, args, data, device, masks, out)
+            save_atomic({"settings": settings, "finished": finished}, checkpoint)
+        results += finished[name]
 
-    meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"],
-            "inputs": {name: file_fingerprint(os.path.join(out, name)) for name in ("item_emb.pt", "item_emb_base.pt", "categories.pt")
-                       if os.path.exists(os.path.join(out, name))}}
+    meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"], "inputs": inputs}
     save_atomic({"runs": results}, os.path.join(out, "results.json"), meta)
     table = markdown_table(results, args.data, args.fuse)
     save_atomic(table, os.path.join(out, "results.md"))
     print("\n" + table)
-    if save_chart(results, os.path.join(out, "results.png"), f"{args.data}, fused by '{args.fuse}'"):
-        print(f"chart: {os.path.join(out, 'results.png')}")
+    os.remove(checkpoint)
+    chart = save_chart(results, os.path.join(out, "results.png"), f"{args.data}, fused by '{args.fuse}'")
+    print(f"students: {len(results)} runs in {time.time() - start:.0f} s on {device}; tables in {os.path.join(out, 'results.md')}"
+          + (f", chart in {os.path.join(out, 'results.png')}" if chart else ""))
 
 
 if __name__ == "__main__":

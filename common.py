@@ -319,7 +319,8 @@ def target_ranks(scores, targets, history=None):
 
 
 def rank_metrics(ranks, ks=KS):
-    """Full-ranking leave-one-out HR@k and NDCG@k (one relevant item per user), averaged over users."""
+    """Leave-one-out HR@k and NDCG@k from each user's 0-based target rank (one relevant item per user), averaged
+    over users; the ranks say which protocol (full ranking or sampled candidates)."""
     out = {}
     for k in ks:
         hit = ranks < k
@@ -328,26 +329,54 @@ def rank_metrics(ranks, ks=KS):
     return out
 
 
+def sampled_ranks(scores, targets, negatives):
+    """0-based rank of each target among itself and its user's sampled `negatives` ([B, n] item ids): the sampled
+    protocol. Strictly higher scores count, as in target_ranks."""
+    return (scores.gather(1, negatives) > scores.gather(1, targets[:, None])).sum(1, dtype=torch.int32)
+
+
+SAMPLED_NEGATIVES, SAMPLED_SEED = 100, 0
+
+
+def sampled_negatives(sequences, num_items, n=SAMPLED_NEGATIVES, seed=SAMPLED_SEED):
+    """The sampled protocol's candidates (SASRec's paper, P2Rec's and most of their line of work): per user, n
+    items the user never interacted with, to rank the target among. Drawn once with a fixed seed, not the run's,
+    so every variant, seed and loss is ranked against the same candidates. Where some user has fewer than n
+    unseen items (tiny data), every user gets that many. [users, n]"""
+    n = min(n, num_items - max(len(set(seq)) for seq in sequences))
+    rng = random.Random(seed)
+    return torch.tensor([random_unseen(set(seq), n, num_items, rng) for seq in sequences])
+
+
+def protocol_metrics(ranks, run):
+    """HR@k and NDCG@k of one run under every protocol that `evaluate` ranked (keys prefixed '', 'masked_',
+    'sampled_')."""
+    return {prefix + name: value for prefix, by_run in ranks.items() for name, value in rank_metrics(by_run[run]).items()}
+
+
 @torch.no_grad()
-def evaluate(group, inputs, targets, history, device, masked=True, batch_size=1024):
-    """For every run of `group` (a RunGroup): the rank of each user's target among all items ([users] int32), and
-    with `masked` the rank with seen items masked. Users go through in order of length, so each batch is cut
-    to its longest user (positions count from the right: only the work changes)."""
+def evaluate(group, inputs, targets, history, device, masked=True, negatives=None, batch_size=1024):
+    """For every run of `group` (a RunGroup), the rank of each user's target ([runs, users] int32) per protocol:
+    '' among all items (ours); 'masked_' among all items less the user's seen ones (with `masked`); 'sampled_'
+    among the target and the user's `negatives` (sampled_negatives). Users go through in order of length, so
+    each batch is cut to its longest user (positions count from the right: only the work changes)."""
     group.train(False)
-    ranks, masked_ranks = torch.zeros(group.runs, len(targets), dtype=torch.int32), None
-    if masked:
-        masked_ranks = torch.zeros_like(ranks)
+    protocols = [""] + ["masked_"] * masked + ["sampled_"] * (negatives is not None)
+    ranks = {p: torch.zeros(group.runs, len(targets), dtype=torch.int32) for p in protocols}
     for idx in (inputs > 0).sum(1).argsort().split(batch_size):
         seq, = trim_padding(inputs[idx])
         hidden, table, _ = group(seq.to(device), shared_input=True)  # [runs, B, L, D], [runs, items + 1, D]
         scores = torch.bmm(hidden[:, :, -1], table.transpose(1, 2)).float()
         tgt = targets[idx].to(device)
         seen = history[idx].to(device) if masked else None  # once per batch, not once per run
+        candidates = negatives[idx].to(device) if negatives is not None else None
         for run in range(group.runs):
-            ranks[run, idx] = target_ranks(scores[run], tgt).cpu()
+            ranks[""][run, idx] = target_ranks(scores[run], tgt).cpu()
             if masked:
-                masked_ranks[run, idx] = target_ranks(scores[run], tgt, seen).cpu()
-    return ranks, masked_ranks
+                ranks["masked_"][run, idx] = target_ranks(scores[run], tgt, seen).cpu()
+            if candidates is not None:
+                ranks["sampled_"][run, idx] = sampled_ranks(scores[run], tgt, candidates).cpu()
+    return ranks
 
 
 # ----------------------------------------------------------------------------- sequential models
@@ -609,19 +638,68 @@ class FullSoftmaxCE(torch.autograd.Function):
         return torch.cat(grad_h, 1).float() * scale, grad_t * scale, None, None
 
 
-def run_losses(group, seq, positions, row_targets, dtype):
-    """Per run of `group`, on stacked batches (stack_batches): the summed cross-entropy at the positions that
-    have a target, and the model's extra loss. [runs], [runs]"""
+def sampled_bce(rows, table, row_targets, negatives):
+    """Per run, SASRec's original loss summed over the rows that have a target: binary cross-entropy of the target's
+    score (label 1) and of one sampled negative's (label 0). rows [runs, P, D], table [runs, items + 1, D],
+    row_targets and negatives [runs, P]."""
+    def scores(items):
+        return (rows * table.gather(1, items[..., None].expand(-1, -1, table.shape[-1]))).sum(-1)
+    loss = F.softplus(-scores(row_targets)) + F.softplus(scores(negatives))
+    return (loss * (row_targets > 0)).sum(1)
+
+
+NEGATIVE_DRAWS = 10
+
+
+def train_pairs(sequences, num_items):
+    """Every (user, training item) pair as one sorted key, user * (num_items + 1) + item: bce_negatives looks its
+    draws up here to tell whether the user has interacted with them."""
+    keys = {user * (num_items + 1) + item for user, seq in enumerate(sequences) for item in split_user(seq)[0]}
+    return torch.tensor(sorted(keys))
+
+
+def negative_draws(batches, positions, row_targets, width, gens=None):
+    """BCE's random numbers for one step (stack_batches' positions and targets): the user of every row, and
+    NEGATIVE_DRAWS uniform numbers per target row, drawn from each run's own generator in the rows' order, so a
+    run draws the same numbers in a group as alone. Without `gens` (a CUDA graph's example step) all zero."""
+    users, uniforms = torch.zeros_like(positions), torch.zeros(len(batches), NEGATIVE_DRAWS, positions.shape[1])
+    for run, b in enumerate(batches):
+        users[run] = b[(positions[run] // width).clamp(max=len(b) - 1)]  # rows past the batch have no target
+        if gens is not None:
+            real = row_targets[run] > 0
+            uniforms[run][:, real] = torch.rand(NEGATIVE_DRAWS, int(real.sum()), generator=gens[run])
+    return users, uniforms
+
+
+def bce_negatives(users, uniforms, pairs, num_items):
+    """One negative item per row, as SASRec.pytorch samples it: uniform over the items that the row's user has not
+    interacted with in training. It takes the first of NEGATIVE_DRAWS uniform draws that is not the user's: fixed
+    shapes and no redraw loop, so it runs inside a CUDA graph. All ten miss only for users who have most items
+    (ml-100k's heaviest has 44% of them: 3 of its rows in 10,000 keep an item of their own). [runs, P]"""
+    items = 1 + (uniforms * num_items).long().clamp(max=num_items - 1)  # [runs, draws, P]
+    keys = users[:, None] * (num_items + 1) + items
+    seen = pairs[torch.searchsorted(pairs, keys).clamp(max=len(pairs) - 1)] == keys
+    first_unseen = (~seen).int().argmax(1, keepdim=True)  # 0 where every draw is seen
+    return items.gather(1, first_unseen).squeeze(1)
+
+
+def run_losses(group, seq, positions, row_targets, dtype, negatives=None):
+    """Per run of `group`, on stacked batches (stack_batches): the summed loss at the positions that have a target
+    (full-softmax cross-entropy, or with `negatives` sampled_bce), and the model's extra loss. [runs], [runs]"""
     hidden, table, extra = group(seq)
     rows = hidden.flatten(1, 2).gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
-    return FullSoftmaxCE.apply(rows, table, row_targets, dtype), extra
+    if negatives is None:
+        return FullSoftmaxCE.apply(rows, table, row_targets, dtype), extra
+    return sampled_bce(rows, table, row_targets, negatives), extra
 
 
-def training_step(group, opt, dtype, positions_per_batch):
-    """One optimiser step of every run of `group` on stacked batches; returns each run's loss."""
-    def step(seq, positions, row_targets):
-        cross_entropy, extra = run_losses(group, seq, positions, row_targets, dtype)
-        loss = cross_entropy / positions_per_batch + extra
+def training_step(group, opt, dtype, positions_per_batch, pick_negatives=None):
+    """One optimiser step of every run of `group` on stacked batches; returns each run's loss. With
+    `pick_negatives` (BCE), the step also takes negative_draws' users and uniforms and turns them into negatives."""
+    def step(seq, positions, row_targets, *draws):
+        negatives = pick_negatives(*draws) if draws else None
+        sequence_loss, extra = run_losses(group, seq, positions, row_targets, dtype, negatives)
+        loss = sequence_loss / positions_per_batch + extra
         opt.zero_grad(set_to_none=False)  # a captured graph keeps its gradient buffers
         loss.sum().backward()  # the runs share no parameter: each gets exactly its own gradient
         opt.step()
@@ -673,70 +751,95 @@ def graph_widths(maxlen):
     return sorted({max(1, maxlen >> i) for i in range(4)})
 
 
-def graphed_steps(step, inputs, targets, lengths, runs, batch_size, maxlen, group, opt, device):
+def graphed_steps(step, stack, lengths, runs, batch_size, maxlen, group, opt, device):
     """One CUDA graph of `step` per width of graph_widths; returns a function that takes one batch per run,
-    stacks them at the narrowest width that fits, and replays that width's graph."""
+    stacks them (`stack`) at the narrowest width that fits, and replays that width's graph."""
     widths, pool, replays = graph_widths(maxlen), torch.cuda.graph_pool_handle(), {}
-    example_batch = [torch.arange(min(batch_size, len(inputs)))] * runs
+    example_batch = [torch.arange(min(batch_size, len(lengths)))] * runs
     for width in widths:
-        example = stack_batches(inputs, targets, lengths, example_batch, (batch_size, width))
+        example = stack(example_batch, (batch_size, width), draw=False)  # draws nothing from the runs' generators
         replays[width] = cuda_graph(step, [t.to(device) for t in example], group, opt, pool)
 
     def run(batches):
         longest = longest_user(lengths, batches)
         width = next(w for w in widths if w >= longest)
-        stacked = stack_batches(inputs, targets, lengths, batches, (batch_size, width))
-        return replays[width](*(t.to(device, non_blocking=True) for t in stacked))
+        return replays[width](*(t.to(device, non_blocking=True) for t in stack(batches, (batch_size, width))))
     return run
 
 
-def eager_steps(step, inputs, targets, lengths, device):
+def eager_steps(step, stack, device):
     """`step` on batches cut to their longest user (on a CPU that saves real work)."""
     def run(batches):
-        return step(*(t.to(device) for t in stack_batches(inputs, targets, lengths, batches)))
+        return step(*(t.to(device) for t in stack(batches)))
     return run
 
 
-def train_recommender(models, seeds, sequences, args, device, desc, checkpoint=None, settings=None):
-    """Full-softmax next-item training over all positions, model selection by validation NDCG@10, test ranks of
-    the best epoch; for several runs of one model structure at once (`models`, one seed each: a RunGroup),
-    each with exactly the batches, initial weights and selection it would have alone. Works for any model
-    with forward(seq, table) -> [B, L, D], item_table() and items.regulariser(). Returns one result per run.
-    With `checkpoint` (a path), every epoch saves parameters, optimiser, RNGs and progress there, and a rerun
-    resumes from it: on CPU, an interrupted and resumed run ends exactly where an uninterrupted one does."""
+LOSSES = ("ce", "bce")
+
+
+def train_recommender(models, seeds, sequences, args, device, desc, loss="ce", checkpoint=None, settings=None):
+    """Next-item training over all positions with full-softmax cross-entropy (`loss` 'ce') or SASRec's original
+    binary cross-entropy with one sampled negative ('bce'); validation NDCG@10 after every epoch, and a run stops
+    once it has not improved for args.patience epochs (or at args.epochs); test ranks of its best epoch. For several
+    runs of one model structure at once (`models`, one seed each: a RunGroup), each with exactly the batches,
+    negatives, initial weights, selection and stop it would have alone (a stopped run's later epochs are ignored).
+    Works for any model with forward(seq, table) -> [B, L, D], item_table() and items.regulariser(). Returns one
+    result per run. With `checkpoint` (a path), every epoch saves parameters, optimiser, RNGs and progress there,
+    and a rerun resumes from it: on CPU, an interrupted and resumed run ends exactly where an uninterrupted one does."""
     seed_everything(seeds[0])  # the dropout draws
     group = RunGroup(models, device)
+    num_items = models[0].items.id_emb.num_embeddings - 1
     inputs, targets = train_tensors(sequences, args.maxlen)
     lengths = (inputs > 0).sum(1)
+    negatives = sampled_negatives(sequences, num_items)  # the sampled protocol's candidates, valid and test alike
     valid, test = eval_split(sequences, "valid", args.maxlen), eval_split(sequences, "test", args.maxlen)
     graphed = device.type == "cuda" and not args.no_cuda_graph
     opt = torch.optim.Adam(group.params.values(), lr=args.lr, weight_decay=args.weight_decay, fused=graphed,
-                           capturable=graphed)
+                           capturable=graphed, betas=(0.9, 0.98) if loss == "bce" else (0.9, 0.999))  # SASRec.pytorch's for bce
     gens = [torch.Generator().manual_seed(seed) for seed in seeds]
     best, history = resume(checkpoint, settings, args.force, gens, group, opt, len(seeds))
     # Batches are grouped by length, so they hold very different numbers of positions: dividing each
     # batch's summed loss by one constant (not by its own count) keeps every position's weight equal.
     positions_per_batch = (targets > 0).sum().item() / math.ceil(len(inputs) / args.batch_size)
     group.train()
-    step = training_step(group, opt, matmul_dtype(device), positions_per_batch)
+    pick_negatives = None
+    if loss == "bce":
+        pairs = train_pairs(sequences, num_items).to(device)
+        pick_negatives = lambda users, uniforms: bce_negatives(users, uniforms, pairs, num_items)  # noqa: E731
+
+    def stack(batches, shape=None, draw=True):
+        seq, positions, row_targets = stack_batches(inputs, targets, lengths, batches, shape)
+        if loss == "ce":
+            return seq, positions, row_targets
+        return seq, positions, row_targets, *negative_draws(batches, positions, row_targets, seq.shape[2], gens if draw else None)
+    step = training_step(group, opt, matmul_dtype(device), positions_per_batch, pick_negatives)
     if graphed:
-        step = graphed_steps(step, inputs, targets, lengths, len(seeds), args.batch_size, args.maxlen, group, opt, device)
+        step = graphed_steps(step, stack, lengths, len(seeds), args.batch_size, args.maxlen, group, opt, device)
     else:
-        step = eager_steps(step, inputs, targets, lengths, device)
-    bar = tqdm(range(len(history[0]) + 1, args.epochs + 1), desc=desc, leave=False, initial=len(history[0]),
-               total=args.epochs)
+        step = eager_steps(step, stack, device)
+    done = max(len(h) for h in history)
+    bar = tqdm(range(done + 1, args.epochs + 1), desc=desc, leave=False, initial=done, total=args.epochs)
     for epoch in bar:
+        active = [run for run in range(group.runs) if still_improving(best[run], history[run], args.patience)]
+        if not active:
+            break
         group.train()
         start, losses = time.time(), torch.zeros(group.runs, device=device)
         for batches in zip(*(similar_length_batches(lengths, args.batch_size, gen) for gen in gens)):
             losses += step(batches)
         record = {"epoch": epoch, "train_s": time.time() - start}
-        keep_best(group, valid, device, losses, record, best, history)
-        bar.set_postfix(ndcg10=" ".join(f"{h[-1]['valid']['NDCG@10']:.4f}" for h in history), s=f"{record['train_s']:.1f}")
+        keep_best(group, (*valid, negatives), device, losses, record, best, history, active)
+        bar.set_postfix(ndcg10=" ".join(f"{h[-1]['valid']['NDCG@10']:.4f}" for h in history), runs=len(active),
+                        s=f"{record['train_s']:.1f}")
         if checkpoint:
             save_checkpoint(checkpoint, settings, epoch, gens, params={k: v.detach() for k, v in group.params.items()},
                             optimizer=opt.state_dict(), best=best, history=history)
-    return test_best(group, models, test, device, best, history)
+    return test_best(group, models, (*test, negatives), device, best, history, args.patience)
+
+
+def still_improving(best, history, patience):
+    """A run trains on while its validation NDCG@10 has improved within the last `patience` epochs."""
+    return len(history) - best.get("epoch", 0) < patience
 
 
 def resume(checkpoint, settings, force, gens, group, opt, runs):
@@ -751,33 +854,40 @@ def resume(checkpoint, settings, force, gens, group, opt, runs):
     return resumed["best"], resumed["history"]
 
 
-def keep_best(group, valid, device, losses, record, best, history):
-    """Score every run on the validation split (masked metrics only for the test split), log the epoch, and
-    keep a run's weights whenever its NDCG@10 is the best so far."""
+def keep_best(group, valid, device, losses, record, best, history, active):
+    """Score every run on the validation split (full ranking and sampled; masked metrics only for the test split),
+    log the epoch of each `active` run, and keep its weights whenever its NDCG@10 is the best so far."""
     start = time.time()
-    valid_ranks, _ = evaluate(group, *valid, device, masked=False)
-    for run, ranks in enumerate(valid_ranks):
-        metrics = rank_metrics(ranks)
+    inputs, targets, seen, negatives = valid
+    ranks = evaluate(group, inputs, targets, seen, device, masked=False, negatives=negatives)
+    for run in active:
+        metrics = protocol_metrics(ranks, run)
         history[run].append({**record, "loss": losses[run].item(), "valid_s": time.time() - start, "valid": metrics})
         if metrics["NDCG@10"] > best[run]["valid"]["NDCG@10"]:
             best[run] = {"epoch": record["epoch"], "valid": metrics, "state": group.run_state(run)}
 
 
-def test_best(group, models, test, device, best, history):
-    """Put every run's best weights back (in the group and in its own model) and rank the test split."""
+def test_best(group, models, test, device, best, history, patience):
+    """Put every run's best weights back (in the group and in its own model) and rank the test split under every
+    protocol. `converged`: the run stopped because it had not improved for `patience` epochs, not at the ceiling."""
     for run, model in enumerate(models):
         group.load_run_state(run, best[run]["state"])
         model.load_state_dict({**model.state_dict(), **best[run]["state"]})
-    test_ranks, masked_ranks = evaluate(group, *test, device)
-    return [{"best_epoch": best[run]["epoch"], "valid": best[run]["valid"],
-             "test": {**rank_metrics(test_ranks[run]), **{f"masked_{k}": v for k, v in rank_metrics(masked_ranks[run]).items()}},
-             "test_ranks": test_ranks[run], "train_s_per_epoch": sum(h["train_s"] for h in history[run]) / len(history[run]),
+    inputs, targets, seen, negatives = test
+    ranks = evaluate(group, inputs, targets, seen, device, negatives=negatives)
+    return [{"best_epoch": best[run]["epoch"], "last_epoch": len(history[run]),
+             "converged": not still_improving(best[run], history[run], patience), "valid": best[run]["valid"],
+             "test": protocol_metrics(ranks, run), "sampled_candidates": 1 + negatives.shape[1], "test_ranks": ranks[""][run],
+             "train_s_per_epoch": sum(h["train_s"] for h in history[run]) / len(history[run]),
              "history": history[run]} for run in range(group.runs)]
 
 
-def add_train_args(parser, epochs, lr=1e-3):
+def add_train_args(parser, epochs=1000, patience=50, lr=1e-3):
     """Sequential-model training options shared by 02_teacher.py and 05_student.py."""
-    parser.add_argument("--epochs", type=int, default=epochs, help="training epochs; the best by validation NDCG@10 is kept")
+    parser.add_argument("--epochs", type=int, default=epochs, help="epoch ceiling: a run stops earlier once its validation "
+                        "NDCG@10 has not improved for --patience epochs, and keeps its best epoch")
+    parser.add_argument("--patience", type=int, default=patience, help="epochs without a better validation NDCG@10 "
+                        "before a run stops")
     parser.add_argument("--batch-size", type=int, default=128, help="users per batch")
     parser.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")

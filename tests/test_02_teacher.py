@@ -44,3 +44,17 @@ def test_killed_teacher_resumes_to_the_same_result(pipeline, tmp_path):
     first = json.loads((pipeline / "teacher_metrics.json").read_text())
     assert resumed["test"] == first["test"] and resumed["best_epoch"] == first["best_epoch"]
     assert not (tmp_path / "synth" / "teacher.ckpt.pt").exists()
+
+
+def test_bce_teacher_learns_and_stops_early(pipeline, tmp_path):
+    """SASRec's original loss (one sampled negative per position) learns the pattern too, and the run stops once its
+    validation NDCG@10 has not improved for --patience epochs, well before the ceiling."""
+    copy_artifacts(pipeline, tmp_path, "dataset.json")
+    args = [a for a in TEACHER_ARGS]
+    args[args.index("--epochs") + 1] = 500
+    proc = run_stage("02_teacher.py", "--data", "synth", "--out", tmp_path, "--device", "cpu", *args, "--loss", "bce",
+                     "--patience", 5)
+    metrics = json.loads((tmp_path / "synth" / "teacher_metrics.json").read_text())
+    assert metrics["test"]["HR@10"] > 0.6 and metrics["test"]["sampled_HR@10"] > metrics["test"]["HR@10"] - 1e-9
+    assert metrics["converged"] and metrics["last_epoch"] == metrics["best_epoch"] + 5 < 500
+    assert len(metrics["history"]) == metrics["last_epoch"] and "teacher (bce)" in proc.stdout

@@ -4,9 +4,10 @@ import torch
 
 import pytest
 
-from common import (ItemEmbedding, LoRALLM, PromptBuilder, RunGroup, SASRec, eval_split, graph_widths, left_pad,
-                    load_llm, pack_prompts, preference_kl, rank_metrics, run_losses, split_user, stack_batches,
-                    target_ranks, token_batches, train_tensors, trim_padding)
+from common import (NEGATIVE_DRAWS, ItemEmbedding, LoRALLM, PromptBuilder, RunGroup, SASRec, bce_negatives, eval_split,
+                    graph_widths, left_pad, load_llm, negative_draws, pack_prompts, preference_kl, rank_metrics, run_losses,
+                    sampled_negatives, sampled_ranks, split_user, stack_batches, target_ranks, token_batches, train_pairs,
+                    train_tensors, trim_padding)
 
 
 def test_rank_metrics_hand_computed():
@@ -85,6 +86,51 @@ def test_sasrec_is_causal_and_trimming_is_exact():
     trimmed, = trim_padding(seq)
     assert trimmed.shape[1] == 5
     assert torch.allclose(model(trimmed)[:, -1], out[:, -1], atol=1e-5)
+
+
+def test_sampled_protocol_ranks_the_target_among_fixed_unseen_candidates():
+    scores = torch.tensor([[0.0, 0.9, 0.5, 0.7, 0.1, 0.3]])
+    assert sampled_ranks(scores, torch.tensor([3]), torch.tensor([[1, 4, 5]])).tolist() == [1]  # only item 1 beats it
+    sequences = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12], [2, 4, 6]]
+    negatives = sampled_negatives(sequences, num_items=20, n=100)
+    assert negatives.shape == (3, 12)  # the heaviest user has only 12 unseen items: everyone gets 12
+    for seq, row in zip(sequences, negatives.tolist()):
+        assert len(set(row)) == 12 and not set(row) & set(seq) and all(1 <= i <= 20 for i in row)
+    assert torch.equal(negatives, sampled_negatives(sequences, num_items=20, n=100))  # drawn once, the same every time
+
+
+def test_bce_negatives_are_uniform_over_the_users_unseen_items():
+    sequences = [[1, 2, 3, 4, 5, 9, 10], [6, 7, 8]]  # training items: user 0 has 1-5, user 1 has 6
+    pairs = train_pairs(sequences, num_items=10)
+    assert pairs.tolist() == sorted([1, 2, 3, 4, 5, 11 + 6])
+    rows = 4000
+    users = torch.zeros(1, rows, dtype=torch.long)
+    negatives = bce_negatives(users, torch.rand(1, NEGATIVE_DRAWS, rows, generator=torch.Generator().manual_seed(0)),
+                              pairs, num_items=10)
+    counts = torch.bincount(negatives.flatten(), minlength=11)
+    assert counts[1:6].sum() <= 20  # all ten draws hit one of user 0's 5 items: 1 row in 1,024
+    assert ((counts[6:] - rows / 5).abs() < 0.1 * rows / 5).all()  # 6..10, one fifth each
+    draws = torch.tensor([[[0.05], [0.25], [0.75]] + [[0.0]] * (NEGATIVE_DRAWS - 3)])  # items 1, 3, 8
+    assert bce_negatives(torch.zeros(1, 1, dtype=torch.long), draws, pairs, 10).tolist() == [[8]]  # the first unseen
+    assert bce_negatives(torch.ones(1, 1, dtype=torch.long), draws, pairs, 10).tolist() == [[1]]  # user 1 has not seen 1
+
+
+def test_negative_draws_follow_each_runs_generator_whatever_the_padding():
+    # A run's draws depend on its own rows only, not on how wide or long its group's stacked batch is.
+    sequences = [[1 + (u + j) % 9 for j in range(3 + u % 6)] for u in range(12)]
+    inputs, targets = train_tensors(sequences, maxlen=16)
+    lengths = (inputs > 0).sum(1)
+    batch = torch.tensor([0, 3, 5])
+
+    def draws(batches, shape):
+        seq, positions, row_targets = stack_batches(inputs, targets, lengths, batches, shape)
+        users, uniforms = negative_draws(batches, positions, row_targets, seq.shape[2], [torch.Generator().manual_seed(7)] * len(batches))
+        real = row_targets[0] > 0
+        return users[0][real], uniforms[0][:, real], row_targets[0][real]
+    alone, grouped = draws([batch], None), draws([batch, torch.tensor([1, 2, 11])], (4, 16))
+    for a, g in zip(alone, grouped):
+        assert torch.equal(a, g)
+    assert alone[0].tolist() == [3] * 3 + [5] * 5  # users of 3, 6 and 8 items: 0, 3 and 5 training targets
 
 
 def test_a_step_gives_the_same_losses_at_every_width_that_holds_its_users():
