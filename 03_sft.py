@@ -50,8 +50,9 @@ def add_sft_args(parser):
     # them on ml-100k, and its prompts are 2.3x shorter, so an epoch costs 41% less LLM time (RESULTS.md).
     parser.add_argument("--item-repr", choices=ITEM_REPRS, default="item-token",
                         help="how an item ID enters the LLM: item-token (one new token per item, learned from scratch, "
-                             "nothing from the teacher), text (digits, the paper's prompts), code (fixed-width digits) "
-                             "or teacher-token (projected teacher embedding)")
+                             "nothing from the teacher), text (digits, the paper's prompts), code (fixed-width digits), "
+                             "teacher-token (projected teacher embedding) or, beyond the paper's ID-only setting, title "
+                             "(each item's title, where the dataset has titles: ml-100k)")
     parser.add_argument("--max-items", type=int, default=50, help="most recent training items in a user's prompt")
     parser.add_argument("--prefix-weight", type=float, default=0.25,
                         help="weight of each user's mean KL over its prefixes, read at each item's last token (0: the user-level KL alone)")
@@ -457,7 +458,7 @@ def categories_and_priors(args, inputs):
 def build_samples(args, data, tokenizer, categories):
     """Step 3: (train set, validation set, reference KLs): user level (P2Rec), one prompt per user; instance
     level (the baseline), one per train position."""
-    builder = PromptBuilder(tokenizer, args.item_repr, data["num_items"])
+    builder = PromptBuilder(tokenizer, args.item_repr, data["num_items"], data.get("item_titles"))
     train_users, val_users = split_users(len(data["sequences"]), args.val_frac, args.seed)
     if args.level == "instance":
         return (instance_level_samples(data["sequences"], train_users, builder, args.max_items),
@@ -473,6 +474,7 @@ def main():
     device, rank, world = setup_distributed(pick_device(args.device))
     inputs = load_inputs(args)
     data, out = inputs["data"], stage_dir(args)
+    PromptBuilder.check_titles(args.item_repr, data.get("item_titles"))
     seed_everything(args.seed)
 
     categories = categories_and_priors(args, inputs)

@@ -40,7 +40,7 @@ def base_llm(state, device):
     items as SFT did; item tokens exist only after SFT, so then the IDs are written out as text."""
     base, tokenizer = load_llm(state["args"]["llm"], device)
     item_repr = state["args"]["item_repr"]
-    item_repr = item_repr if item_repr in ("text", "code") else "text"
+    item_repr = item_repr if item_repr in ("text", "code", "title") else "text"
     return LoRALLM(base, state["num_outputs"]).to(device).eval(), tokenizer, item_repr
 
 
@@ -69,7 +69,7 @@ def main():
     else:
         model, tokenizer, state = load_tuned_llm(args, device)
         item_repr = state["args"]["item_repr"]
-    builder = PromptBuilder(tokenizer, item_repr, data["num_items"])
+    builder = PromptBuilder(tokenizer, item_repr, data["num_items"], data.get("item_titles"))
 
     start = time.time()
     item_emb = embed_items(model, builder, data["num_items"], args.max_tokens, device, rank, world)

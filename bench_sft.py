@@ -100,7 +100,7 @@ def timed(device, fn):
 
 
 def bench_level(level, data, tokenizer, args, device):
-    builder = PromptBuilder(tokenizer, args.item_repr, data["num_items"])
+    builder = PromptBuilder(tokenizer, args.item_repr, data["num_items"], data.get("item_titles"))
     train_set, infer_set = level_samples(level, data, builder, args)
     sft.batch_defaults(args, device, train_set.prompts)  # as 03_sft.py; a later level keeps the first one's budget
     base = build_base(args, tokenizer, device)

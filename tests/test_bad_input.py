@@ -127,3 +127,10 @@ def test_data_changed_after_the_teacher(prepared):
     before = snapshot(prepared)
     proc = run_stage("03_sft.py", "--data", "synth", "--out", prepared, "--k", 4, "--device", "cpu", check=False)
     assert_clean_failure(proc, "was made from a different dataset_fingerprint", prepared, before)
+
+
+def test_titles_asked_of_a_dataset_without_them(prepared, tiny_llm):
+    before = snapshot(prepared)
+    proc = run_stage("03_sft.py", "--data", "synth", "--out", prepared, "--llm", tiny_llm, "--k", 4, "--item-repr", "title",
+                     "--device", "cpu", check=False)
+    assert_clean_failure(proc, "--item-repr title needs item titles", prepared, before)

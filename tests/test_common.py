@@ -167,3 +167,10 @@ def test_prompts_mark_each_item_and_write_ids_as_asked(tiny_llm):
     assert len(code([7]).ids) == len(code([999]).ids)  # fixed width: every item costs the same tokens
     token = PromptBuilder(tokenizer, "item-token", num_items=1000)([7, 123])
     assert [token.slots[e] for e in token.item_ends] == [7, 123] and sum(s > 0 for s in token.slots) == 2
+    titles = [""] * 124
+    titles[7], titles[123] = "Toy Story", "A title far longer than the budget of tokens " * 3
+    named = PromptBuilder(tokenizer, "title", num_items=1000, titles=titles)([7, 123])
+    comma = tokens(",")
+    assert named.ids == (named.ids[:len(builder.prefix)] + tokens(" Toy Story") + comma
+                         + tokens(" " + titles[123])[:PromptBuilder.TITLE_TOKENS] + comma + builder.suffix)
+    assert sum(s > 0 for s in named.slots) == 0  # titles are ordinary tokens
