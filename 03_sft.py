@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from common import (ITEM_REPRS, LoRALLM, PromptBuilder, UserError, add_common_args, all_reduce_sum, check_positive,
                     compile_blocks, current_teacher, file_fingerprint, llm_fingerprint, load_checkpoint, load_dataset,
-                    load_llm, pack_prompts, pick_device, preference_kl, run_main, run_settings, save_atomic,
+                    load_artifact, load_llm, pack_prompts, pick_device, preference_kl, run_main, run_settings, save_atomic,
                     save_checkpoint, seed_everything, setup_distributed, split_user, stage_dir, token_batches)
 
 
@@ -438,7 +438,7 @@ def load_inputs(args):
     teacher_path = current_teacher(args, data)
     if args.k > data["num_items"]:
         raise UserError(f"--k {args.k} is larger than the number of items ({data['num_items']}): choose a smaller --k")
-    teacher_emb = torch.load(teacher_path, map_location="cpu")["item_emb"].float()
+    teacher_emb = load_artifact(teacher_path)["item_emb"].float()
     return {"data": data, "teacher_path": teacher_path, "teacher_emb": teacher_emb}
 
 

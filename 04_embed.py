@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from common import (LoRALLM, PromptBuilder, add_common_args, all_reduce_sum, check_made_from, check_positive,
-                    file_fingerprint, load_dataset, load_llm, load_tuned_llm, pack_prompts, pick_device, require,
+                    file_fingerprint, load_artifact, load_dataset, load_llm, load_tuned_llm, pack_prompts, pick_device, require,
                     run_main, save_atomic, setup_distributed, stage_dir, token_batches)
 
 
@@ -64,7 +64,7 @@ def main():
                     f"the teacher was retrained after SFT, so its categories are stale: rerun python 03_sft.py --data {args.data}",
                     args.force)
     if args.base:
-        state = torch.load(os.path.join(out, "sft_head.pt"), map_location="cpu")
+        state = load_artifact(os.path.join(out, "sft_head.pt"))
         model, tokenizer, item_repr = base_llm(state, device)
     else:
         model, tokenizer, state = load_tuned_llm(args, device)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from common import (FUSIONS, KS, LOSSES, Dropout, ItemEmbedding, SASRec, UserError, add_common_args, add_train_args,
                     check_made_from, check_positive, current_artifact, current_teacher, file_fingerprint,
-                    format_metrics, llm_features, load_dataset, pick_device, rank_metrics, require, run_main,
+                    format_metrics, llm_features, load_artifact, load_dataset, pick_device, rank_metrics, require, run_main,
                     run_settings, save_atomic, seed_everything, split_user, stage_dir, train_recommender)
 
 METRICS = [f"{m}@{k}" for m in ("HR", "NDCG") for k in KS]
@@ -130,12 +130,12 @@ def variant_features(args, data, out):
     if "categories" in args.variants:
         path = current_artifact(args, data, "categories.pt", f"python 03_sft.py --data {args.data}",
                                 f"the data changed since 03_sft.py ran: rerun stages 02-04 for --data {args.data}")
-        categories = torch.load(path)["item_categories"]
+        categories = load_artifact(path)["item_categories"]
         one_hot = F.one_hot(categories.clamp(min=0)).float()
         one_hot[0] = 0
         features["categories"] = llm_features(one_hot, args.dim)
     if "teacher" in args.variants:
-        features["teacher"] = llm_features(torch.load(current_teacher(args, data))["item_emb"], args.dim)
+        features["teacher"] = llm_features(load_artifact(current_teacher(args, data))["item_emb"], args.dim)
     return features
 
 
@@ -145,7 +145,7 @@ def current_embeddings(args, data, out, name, flag):
     sft_path = require(os.path.join(out, "sft_head.pt"), f"python 03_sft.py --data {args.data}")
     check_made_from(path + ".meta.json", "sft_fingerprint", file_fingerprint(sft_path),
                     f"03_sft.py ran again after {name} was made: rerun python 04_embed.py --data {args.data}{flag}", args.force)
-    emb = torch.load(path, map_location="cpu")
+    emb = load_artifact(path)
     if emb.shape[0] != data["num_items"] + 1:
         raise UserError(f"{path} has {emb.shape[0] - 1} items, the dataset {data['num_items']}: rerun 04_embed.py{flag}")
     return emb
@@ -305,7 +305,7 @@ def finished_groups(checkpoint, settings, force):
     """{group name: its runs' results} from an interrupted run of the same command, else {}."""
     if not os.path.exists(checkpoint):
         return {}
-    saved = torch.load(checkpoint, weights_only=False)
+    saved = load_artifact(checkpoint, weights_only=False)
     if saved["settings"] != settings:
         if not force:
             raise UserError(f"{checkpoint} holds runs of other arguments or inputs: rerun that command to finish it, "

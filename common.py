@@ -16,6 +16,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -102,11 +103,33 @@ def require(path, made_by):
     return path
 
 
+MADE_BY = {"dataset.json": "01_prepare.py", "teacher.pt": "02_teacher.py", "categories.pt": "03_sft.py",
+           "sft_head.pt": "03_sft.py", "item_emb.pt": "04_embed.py", "item_emb_base.pt": "04_embed.py --base",
+           "student.pt": "05_student.py"}
+
+
+def load_artifact(path, **torch_kwargs):
+    """An artifact an earlier stage wrote (or its .meta.json, or a checkpoint): JSON for .json, else a torch file.
+    One damaged outside the program (truncated, empty, not JSON, not a torch file) stops with one error line that
+    names it and the stage to rerun, instead of a traceback from deep inside json or torch."""
+    try:
+        if path.endswith(".json"):
+            with open(path) as f:
+                return json.load(f)
+        return torch.load(path, map_location="cpu", **torch_kwargs)
+    except (OSError, ValueError, EOFError, RuntimeError, pickle.UnpicklingError) as err:  # JSON errors are ValueErrors
+        name = os.path.basename(path).removesuffix(".meta.json")
+        dataset = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        fix = (f"rerun python {MADE_BY[name].replace('.py', f'.py --data {dataset}', 1)}" if name in MADE_BY
+               else "delete it and rerun the command that wrote it")
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:80]
+        raise UserError(f"{path} is damaged ({reason}): {fix}")
+
+
 def check_made_from(meta_path, key, expected, fix, force=False):
     """Refuse an artifact whose recorded input fingerprint differs from the current input (with --force:
     warn and go on)."""
-    with open(meta_path) as f:
-        recorded = json.load(f).get(key)
+    recorded = load_artifact(meta_path).get(key)
     if recorded != expected:
         message = f"{meta_path} was made from a different {key} ({recorded} != {expected}): {fix}"
         if not force:
@@ -157,7 +180,7 @@ def load_checkpoint(path, settings, force, generators):
     experiments) unless --force discards it."""
     if not os.path.exists(path):
         return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_artifact(path, weights_only=False)
     if checkpoint["settings"] != settings:
         if not force:
             raise UserError(f"{path} is the checkpoint of a run with other arguments or inputs: rerun that command "
@@ -180,9 +203,18 @@ def seed_everything(seed):
 def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but torch sees no GPU: use --device cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device torch knows: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but torch sees no GPU: use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: torch sees only {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                        f"cuda:{torch.cuda.device_count() - 1}")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda devices are supported")
+    return device
 
 
 def setup_distributed(device):
@@ -260,8 +292,7 @@ def load_dataset(args):
         fix = (f"python 01_prepare.py --data {args.data}" if args.data in DATASETS
                else "python 01_prepare.py --data-file PATH (the dataset takes the file's name, e.g. My_Shop.txt -> --data My_Shop)")
         raise UserError(f"dataset '{args.data}' is not prepared in {args.out}/ (prepared: {prepared}): run {fix} first")
-    with open(path) as f:
-        data = json.load(f)
+    data = load_artifact(path)
     data["fingerprint"] = file_fingerprint(path)
     return data
 
@@ -934,7 +965,7 @@ def candidate_rank(scores, target_index):
 def load_sasrec(path, num_items):
     """A trained SASRec (teacher.pt or student.pt) in eval mode, rebuilt from the settings saved with it. The
     item table is stored whole (whatever fusion made it), so a plain ID table holds it."""
-    state = torch.load(path, map_location="cpu")
+    state = load_artifact(path)
     a = state["args"]
     model = SASRec(ItemEmbedding(num_items, a["dim"]), a["maxlen"], a.get("blocks", 2), a.get("heads", 1), a["dropout"])
     weights = {k: v for k, v in state["state"].items() if not k.startswith("items.")}
@@ -1279,7 +1310,7 @@ def load_tuned_llm(args, device):
     """Rebuild 03_sft.py's tuned LLM (base + saved adapter + head + item tokens) for 04_embed.py."""
     sft_dir = stage_dir(args)
     state_path = require(os.path.join(sft_dir, "sft_head.pt"), f"python 03_sft.py --data {args.data}")
-    state = torch.load(state_path, map_location="cpu")
+    state = load_artifact(state_path)
     base, tokenizer = load_llm(state["args"]["llm"], device)
     model = LoRALLM(base, state["num_outputs"], item_repr=state["args"]["item_repr"], num_items=state["num_items"],
                     teacher_item_emb=state["teacher_item_emb"], adapter_dir=os.path.join(sft_dir, "sft_adapter"))

@@ -134,3 +134,34 @@ def test_titles_asked_of_a_dataset_without_them(prepared, tiny_llm):
     proc = run_stage("03_sft.py", "--data", "synth", "--out", prepared, "--llm", tiny_llm, "--k", 4, "--item-repr", "title",
                      "--device", "cpu", check=False)
     assert_clean_failure(proc, "--item-repr title needs item titles", prepared, before)
+
+
+def test_device_torch_does_not_know(prepared):
+    for device, words in (("gpu", "--device gpu is not a device torch knows"), ("mps", "only cpu and cuda devices")):
+        before = snapshot(prepared)
+        proc = run_stage("02_teacher.py", "--data", "synth", "--out", prepared, "--device", device, check=False)
+        assert_clean_failure(proc, words, prepared, before)
+
+
+DAMAGES = {"truncated": lambda data: data[: len(data) // 2], "empty": lambda data: b"",
+           "not its format": lambda data: b"<html>not an artifact</html>"}
+DAMAGED_CASES = [  # artifact, the stage that reads it (and its options), the fix the error must name
+    ("dataset.json", "02_teacher.py", [], "rerun python 01_prepare.py --data synth"),
+    ("teacher.pt", "03_sft.py", ["--k", 4], "rerun python 02_teacher.py --data synth"),
+    ("teacher.pt.meta.json", "03_sft.py", ["--k", 4], "rerun python 02_teacher.py --data synth"),
+    ("sft_head.pt", "04_embed.py", ["--base"], "rerun python 03_sft.py --data synth"),
+    ("item_emb.pt", "05_student.py", [], "rerun python 04_embed.py --data synth"),
+    ("students.ckpt.pt", "05_student.py", [], "delete it and rerun the command that wrote it"),
+]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("artifact,script,args,fix", DAMAGED_CASES, ids=[c[0] for c in DAMAGED_CASES])
+def test_damaged_artifact(prepared, artifact, script, args, fix, damage):
+    """An artifact damaged outside the program: one line naming the file and the stage to rerun, nothing written."""
+    path = prepared / "synth" / artifact
+    path.write_bytes(DAMAGES[damage](path.read_bytes() if path.exists() else b'{"settings": 1}'))
+    before = snapshot(prepared)
+    proc = run_stage(script, "--data", "synth", "--out", prepared, "--device", "cpu", *args, check=False)
+    assert_clean_failure(proc, f"{path} is damaged", prepared, before)
+    assert fix in proc.stderr
