@@ -39,8 +39,9 @@ import torch.nn.functional as F
 
 from common import (FUSIONS, KS, LOSSES, Dropout, ItemEmbedding, SASRec, UserError, add_common_args, add_train_args,
                     check_made_from, check_positive, current_artifact, current_teacher, file_fingerprint,
-                    format_metrics, llm_features, load_artifact, load_dataset, pick_device, rank_metrics, require, run_main,
-                    run_settings, save_atomic, seed_everything, split_user, stage_dir, train_recommender)
+                    format_metrics, llm_features, load_artifact, load_dataset, matching_checkpoint, pick_device,
+                    rank_metrics, require, run_main, run_settings, save_atomic, seed_everything, split_user, stage_dir,
+                    train_recommender)
 
 METRICS = [f"{m}@{k}" for m in ("HR", "NDCG") for k in KS]
 VARIANTS = ("vanilla", "enhanced", "base-llm", "categories", "teacher")
@@ -303,13 +304,8 @@ def save_chart(runs, path, title):
 
 def finished_groups(checkpoint, settings, force):
     """{group name: its runs' results} from an interrupted run of the same command, else {}."""
-    if not os.path.exists(checkpoint):
-        return {}
-    saved = load_artifact(checkpoint, weights_only=False)
-    if saved["settings"] != settings:
-        if not force:
-            raise UserError(f"{checkpoint} holds runs of other arguments or inputs: rerun that command to finish it, "
-                            f"or pass --force to discard it and start over")
+    saved = matching_checkpoint(checkpoint, settings, force)
+    if saved is None:
         return {}
     print(f"resuming from {checkpoint}: {len(saved['finished'])} group(s) of runs were done")
     return saved["finished"]

@@ -174,10 +174,9 @@ def save_checkpoint(path, settings, epoch, generators, **state):
                  "rng": rng_state(), **state}, path)
 
 
-def load_checkpoint(path, settings, force, generators):
-    """The epoch checkpoint that an interrupted run left at `path`, if any; restores `generators` and the
-    global RNGs from it. One made with other settings or inputs stops the run (resuming it would mix two
-    experiments) unless --force discards it."""
+def matching_checkpoint(path, settings, force):
+    """The checkpoint an interrupted run left at `path`, if any. One made with other settings or inputs stops the
+    run (resuming it would mix two experiments) unless --force discards it."""
     if not os.path.exists(path):
         return None
     checkpoint = load_artifact(path, weights_only=False)
@@ -186,6 +185,15 @@ def load_checkpoint(path, settings, force, generators):
             raise UserError(f"{path} is the checkpoint of a run with other arguments or inputs: rerun that command "
                             f"to finish it, or pass --force to discard it and start over")
         print(f"warning (--force): discarding {path}", file=sys.stderr)
+        return None
+    return checkpoint
+
+
+def load_checkpoint(path, settings, force, generators):
+    """The epoch checkpoint that an interrupted run left at `path` (matching_checkpoint), if any; restores
+    `generators` and the global RNGs from it."""
+    checkpoint = matching_checkpoint(path, settings, force)
+    if checkpoint is None:
         return None
     for generator, state in zip(generators, checkpoint["generators"]):
         generator.set_state(state)
