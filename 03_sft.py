@@ -6,6 +6,8 @@ Writes out/<dataset>/categories.pt   k-means category of every item, each user's
        out/<dataset>/sft_adapter/    the LoRA adapter (PEFT save_pretrained: PeftModel.from_pretrained loads it)
        out/<dataset>/sft_head.pt     category head, item tokens, settings
        out/<dataset>/sft_metrics.json  validation KL per epoch beside two reference predictors, LLM time, category check
+       (--item-repr title, beyond the paper's ID-only setting: sft_adapter_title/, sft_head_title.pt, sft_metrics_title.json,
+       beside the ID-only SFT's files, so that 05_student.py can compare the two)
 
 $ python 03_sft.py --data beauty
 $ torchrun --standalone --nproc_per_node 2 03_sft.py --data beauty    # several GPUs: each takes part of every batch
@@ -37,7 +39,7 @@ from tqdm import tqdm
 from common import (ITEM_REPRS, LoRALLM, PromptBuilder, UserError, add_common_args, all_reduce_sum, check_positive,
                     compile_blocks, current_teacher, file_fingerprint, llm_fingerprint, load_checkpoint, load_dataset,
                     load_artifact, load_llm, pack_prompts, pick_device, preference_kl, run_main, run_settings, save_atomic,
-                    save_checkpoint, seed_everything, setup_distributed, split_user, stage_dir, token_batches)
+                    save_checkpoint, seed_everything, setup_distributed, sft_files, split_user, stage_dir, token_batches)
 
 
 def add_sft_args(parser):
@@ -420,14 +422,16 @@ def save_adapter(model, path):
 def save_artifacts(out, model, args, inputs, categories, history, best_epoch, refs, num_outputs):
     meta = {"args": vars(args), "dataset_fingerprint": inputs["data"]["fingerprint"], "llm": llm_fingerprint(args.llm),
             "teacher_fingerprint": file_fingerprint(inputs["teacher_path"])}
+    files = sft_files(args.item_repr)
+    # The SFT by titles writes the same categories (same teacher, k and seed give the same bytes) as the ID-only one.
     save_atomic({"item_categories": categories["item_categories"], "prior": categories["prior"]},
                 os.path.join(out, "categories.pt"), meta)
-    save_adapter(model, os.path.join(out, "sft_adapter"))
+    save_adapter(model, os.path.join(out, files["adapter"]))
     teacher_emb = inputs["teacher_emb"] if args.item_repr == "teacher-token" else None
     save_atomic({"trainable": model.trainable_state(), "num_outputs": num_outputs, "num_items": inputs["data"]["num_items"],
-                 "args": vars(args), "teacher_item_emb": teacher_emb}, os.path.join(out, "sft_head.pt"), meta)
+                 "args": vars(args), "teacher_item_emb": teacher_emb}, os.path.join(out, files["head"]), meta)
     save_atomic({"history": history, "best_epoch": best_epoch, "references": refs, "category_check": categories["check"]},
-                os.path.join(out, "sft_metrics.json"), meta)
+                os.path.join(out, files["metrics"]), meta)
 
 
 # ----------------------------------------------------------------------------- main
@@ -486,7 +490,7 @@ def main():
                     item_repr=args.item_repr, num_items=data["num_items"], teacher_item_emb=inputs["teacher_emb"]).to(device)
     prepare_llm(model, args)
 
-    checkpoint = os.path.join(out, "sft.ckpt.pt")  # a killed run resumes from here
+    checkpoint = os.path.join(out, sft_files(args.item_repr)["checkpoint"])  # a killed run resumes from here
     settings = run_settings(args, dataset_fingerprint=data["fingerprint"], llm=llm_fingerprint(args.llm),
                             teacher_fingerprint=file_fingerprint(inputs["teacher_path"]), processes=world)
     history, best_epoch = train(model, train_set, val_set, args, device, {"rank": rank, "world": world}, checkpoint,

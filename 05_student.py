@@ -3,6 +3,7 @@ Stage 5: train future SRS models with and without the LLM-enhanced item embeddin
 
 Reads  out/<dataset>/dataset.json, out/<dataset>/item_emb.pt        (01_prepare.py, 04_embed.py)
        out/<dataset>/item_emb_base.pt, categories.pt                (04_embed.py --base, 03_sft.py: the controls)
+       out/<dataset>/item_emb_text.pt, item_emb_title.pt            (04_embed.py --text, --titles: item text)
 Writes out/<dataset>/results.json   test metrics of every (loss, model, variant, seed) under both protocols, subgroups,
                                     best epochs, validation, history
        out/<dataset>/results.md     the tables: lifts over vanilla, mean ± std over seeds, best epochs, subgroups
@@ -18,9 +19,14 @@ Variants, all trained alike (same seeds, settings and initial weights apart from
   enhanced  fused with the LLM-enhanced embeddings of 04_embed.py (P2Rec);
   base-llm  fused with embeddings of the LLM before SFT (04_embed.py --base): what the SFT adds;
   categories fused with the one-hot k-means categories of 03_sft.py, no LLM: what the LLM adds over them;
-  teacher   fused with the teacher's own item table (02_teacher.py): all the clusters were cut from.
-How an SRS model takes them (--fuse; common.ItemEmbedding): init (the ID table starts from them), add (a learned
-map of them is added at every step) or align (a loss pulls the ID table toward a learned map of them).
+  teacher   fused with the teacher's own item table (02_teacher.py): all the clusters were cut from;
+and beyond the paper's ID-only setting, where the dataset has item titles (ml-100k):
+  text       fused with each item's text through the base LLM (04_embed.py --text): what text alone gives;
+  p2rec-text fused with P2Rec's embeddings from an SFT that names items by title (03_sft.py --item-repr title,
+             04_embed.py --titles): what P2Rec's SFT adds on top of text.
+How an SRS model takes them (--fuse, or per variant: text+align; common.ItemEmbedding): init (the ID table starts
+from them), add (a learned map of them is added at every step) or align (a loss pulls the ID table toward a learned
+map of them).
 Two training losses (--loss): ce, full-softmax cross-entropy over all items (ours, the strong baseline), and bce,
 binary cross-entropy with one sampled negative per position (SASRec's original, what the papers' baselines use).
 Every run stops on its own, --patience epochs after its best validation NDCG@10. Every test metric comes twice:
@@ -44,7 +50,10 @@ from common import (FUSIONS, KS, LOSSES, Dropout, ItemEmbedding, SASRec, UserErr
                     train_recommender)
 
 METRICS = [f"{m}@{k}" for m in ("HR", "NDCG") for k in KS]
-VARIANTS = ("vanilla", "enhanced", "base-llm", "categories", "teacher")
+VARIANTS = ("vanilla", "enhanced", "base-llm", "categories", "teacher", "text", "p2rec-text")
+# The LLM embeddings a variant reads: (file, the 04_embed.py flag that writes it, the SFT it was made from).
+EMBEDDINGS = {"enhanced": ("item_emb.pt", "", "sft_head.pt"), "base-llm": ("item_emb_base.pt", " --base", "sft_head.pt"),
+              "p2rec-text": ("item_emb_title.pt", " --titles", "sft_head_title.pt"), "text": ("item_emb_text.pt", " --text", None)}
 SUBGROUPS = ("tail items", "head items", "short users", "long users")
 
 
@@ -56,8 +65,10 @@ def parse_args():
                         "cross-entropy, one sampled negative per position)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="one run of every variant per model and seed")
     parser.add_argument("--models", default="sasrec,gru4rec", help="comma-separated: sasrec, gru4rec")
-    parser.add_argument("--variants", default="vanilla,enhanced", help=f"comma-separated: {', '.join(VARIANTS)}")
-    parser.add_argument("--fuse", choices=FUSIONS, default="init", help="how the item table takes the embeddings")
+    parser.add_argument("--variants", default="vanilla,enhanced", help=f"comma-separated: {', '.join(VARIANTS)}; a "
+                        "variant may name its own fusion, such as text+align")
+    parser.add_argument("--fuse", choices=FUSIONS, default="init", help="how the item table takes the embeddings, where "
+                        "a variant names none")
     parser.add_argument("--align-weight", type=float, default=1.0, help="weight of the align loss (--fuse align)")
     parser.add_argument("--blocks", type=int, default=2, help="SASRec self-attention blocks")
     parser.add_argument("--heads", type=int, default=1, help="SASRec attention heads")
@@ -67,8 +78,9 @@ def parse_args():
     args = parser.parse_args()
     check_positive(args, "epochs", "patience", "batch_size", "lr", "maxlen", "dim", "blocks", "heads", "align_weight")
     args.models, args.variants, args.loss = args.models.split(","), args.variants.split(","), args.loss.split(",")
-    for option, given, known in (("--models", args.models, ("sasrec", "gru4rec")), ("--variants", args.variants, VARIANTS),
-                                 ("--loss", args.loss, LOSSES)):
+    for option, given, known in (("--models", args.models, ("sasrec", "gru4rec")), ("--loss", args.loss, LOSSES),
+                                 ("--variants", [v.split("+")[0] for v in args.variants], VARIANTS),
+                                 ("--variants fusion", [fusion(v, args) for v in args.variants], FUSIONS)):
         unknown = [name for name in given if name not in known]
         if unknown:
             raise UserError(f"unknown {option} entry {unknown[0]}: choose from {', '.join(known)}")
@@ -111,9 +123,14 @@ class GRU4Rec(nn.Module):
         return torch.stack(states, 1)
 
 
-def build_model(name, num_items, args, features):
+def fusion(variant, args):
+    """'text+align' -> 'align'; a variant without '+' takes --fuse."""
+    return variant.split("+", 1)[1] if "+" in variant else args.fuse
+
+
+def build_model(name, num_items, args, features, fuse):
     xavier = name == "sasrec" and args.init == "xavier"
-    items = ItemEmbedding(num_items, args.dim, features, args.fuse, args.align_weight, xavier)
+    items = ItemEmbedding(num_items, args.dim, features, fuse, args.align_weight, xavier)
     if name == "sasrec":
         return SASRec(items, args.maxlen, args.blocks, args.heads, args.dropout, xavier)
     return GRU4Rec(items, args.dropout)
@@ -122,30 +139,31 @@ def build_model(name, num_items, args, features):
 # ----------------------------------------------------------------------------- the variants' item embeddings
 
 def variant_features(args, data, out):
-    """{variant: llm_features(...) or None (vanilla)}, after checking that every input is current."""
+    """{variant (without its fusion): llm_features(...) or None (vanilla)}, after checking that every input is current."""
+    variants = {v.split("+")[0] for v in args.variants}
     features = {"vanilla": None}
-    if "enhanced" in args.variants:
-        features["enhanced"] = llm_features(current_embeddings(args, data, out, "item_emb.pt", ""), args.dim)
-    if "base-llm" in args.variants:
-        features["base-llm"] = llm_features(current_embeddings(args, data, out, "item_emb_base.pt", " --base"), args.dim)
-    if "categories" in args.variants:
+    for variant in variants & EMBEDDINGS.keys():
+        features[variant] = llm_features(current_embeddings(args, data, out, *EMBEDDINGS[variant]), args.dim)
+    if "categories" in variants:
         path = current_artifact(args, data, "categories.pt", f"python 03_sft.py --data {args.data}",
                                 f"the data changed since 03_sft.py ran: rerun stages 02-04 for --data {args.data}")
         categories = load_artifact(path)["item_categories"]
         one_hot = F.one_hot(categories.clamp(min=0)).float()
         one_hot[0] = 0
         features["categories"] = llm_features(one_hot, args.dim)
-    if "teacher" in args.variants:
+    if "teacher" in variants:
         features["teacher"] = llm_features(load_artifact(current_teacher(args, data))["item_emb"], args.dim)
     return features
 
 
-def current_embeddings(args, data, out, name, flag):
+def current_embeddings(args, data, out, name, flag, sft_head):
     path = current_artifact(args, data, name, f"python 04_embed.py --data {args.data}{flag}",
                             f"the data changed since the embeddings were made: rerun stages 02-04 for --data {args.data}")
-    sft_path = require(os.path.join(out, "sft_head.pt"), f"python 03_sft.py --data {args.data}")
-    check_made_from(path + ".meta.json", "sft_fingerprint", file_fingerprint(sft_path),
-                    f"03_sft.py ran again after {name} was made: rerun python 04_embed.py --data {args.data}{flag}", args.force)
+    if sft_head is not None:
+        sft_path = require(os.path.join(out, sft_head), f"python 03_sft.py --data {args.data}")
+        check_made_from(path + ".meta.json", "sft_fingerprint", file_fingerprint(sft_path),
+                        f"03_sft.py ran again after {name} was made: rerun python 04_embed.py --data {args.data}{flag}",
+                        args.force)
     emb = load_artifact(path)
     if emb.shape[0] != data["num_items"] + 1:
         raise UserError(f"{path} has {emb.shape[0] - 1} items, the dataset {data['num_items']}: rerun 04_embed.py{flag}")
@@ -171,7 +189,8 @@ def build_runs(args, data, features):
             for seed in args.seeds:
                 for variant in args.variants:
                     seed_everything(seed)  # the same initial weights for every variant and loss of a seed, item fusion aside
-                    model = build_model(model_name, data["num_items"], args, features[variant])
+                    model = build_model(model_name, data["num_items"], args, features[variant.split("+")[0]],
+                                        fusion(variant, args))
                     runs.append({"loss": loss, "model_name": model_name, "variant": variant, "seed": seed, "model": model})
     return runs
 
@@ -236,7 +255,7 @@ def markdown_table(runs, dataset, fuse):
     """The lifts over vanilla under both protocols, then per protocol the mean (± std over seeds) of each test
     metric with the best epochs, then NDCG@10 / HR@10 by subgroup."""
     candidates = runs[0]["sampled_candidates"]
-    lines = [f"Test split of {dataset}; item tables fused by '{fuse}'. Full: the target ranked among all items "
+    lines = [f"Test split of {dataset}; item tables fused by '{fuse}' where a variant names no other. Full: the target ranked among all items "
              f"(history not masked). Sampled: among itself and {candidates - 1} items the user never interacted with "
              f"(the same for every run). Best epochs: by validation NDCG@10 (full), '!' where a run hit --epochs "
              f"while still improving.", "",
@@ -322,7 +341,7 @@ def train_group(group, name, args, data, device, masks, out):
                                for g, mask in masks.items() if mask.any()}  # ml-100k has no short users
         results.append({"loss": run["loss"], "model": run["model_name"], "variant": run["variant"], "seed": run["seed"],
                         **result})
-        print(f"{run['loss']:3s} {run['model_name']:8s} {run['variant']:10s} seed {run['seed']}: best epoch "
+        print(f"{run['loss']:3s} {run['model_name']:8s} {run['variant']:16s} seed {run['seed']}: best epoch "
               f"{result['best_epoch']:4d} of {result['last_epoch']:4d}{'' if result['converged'] else ' (hit --epochs)'}, "
               f"test {format_metrics(result['test'])} | sampled {format_metrics(result['test'], 'sampled_')}")
         if (run["loss"], run["model_name"], run["variant"], run["seed"]) == (args.loss[0], "sasrec", "enhanced", args.seeds[0]):
@@ -340,7 +359,7 @@ def main():
     together = args.together == "yes" or (args.together == "auto" and device.type == "cuda")
     masks = subgroup_masks(data["sequences"], data["num_items"])
 
-    inputs = {name: file_fingerprint(os.path.join(out, name)) for name in ("item_emb.pt", "item_emb_base.pt", "categories.pt")
+    inputs = {name: file_fingerprint(os.path.join(out, name)) for name in [e[0] for e in EMBEDDINGS.values()] + ["categories.pt"]
               if os.path.exists(os.path.join(out, name))}
     # Every finished group of runs is kept here: after Ctrl-C or kill -9 the same command trains only what is left.
     checkpoint = os.path.join(out, "students.ckpt.pt")

@@ -130,7 +130,7 @@ def bench_level(level, data, tokenizer, args, device):
     train_s /= share
 
     if level == "user":
-        infer = lambda: embed.embed_items(model, builder, data["num_items"], max_tokens, device)  # noqa: E731
+        infer = lambda: embed.embed_items(model, embed.item_prompts(builder, data["num_items"]), max_tokens, device)  # noqa: E731
     else:
         infer_batches = sft.prompt_batches(infer_set.prompts, max_tokens, shuffle=False)
         infer = lambda: sft.run_epoch(model, infer_set, infer_batches, device)  # noqa: E731

@@ -105,7 +105,16 @@ def require(path, made_by):
 
 MADE_BY = {"dataset.json": "01_prepare.py", "teacher.pt": "02_teacher.py", "categories.pt": "03_sft.py",
            "sft_head.pt": "03_sft.py", "item_emb.pt": "04_embed.py", "item_emb_base.pt": "04_embed.py --base",
-           "student.pt": "05_student.py"}
+           "sft_head_title.pt": "03_sft.py --item-repr title", "item_emb_title.pt": "04_embed.py --titles",
+           "item_emb_text.pt": "04_embed.py --text", "student.pt": "05_student.py"}
+
+
+def sft_files(item_repr):
+    """03_sft.py's artifact names. The SFT that names items by their titles (beyond the paper's ID-only setting)
+    writes beside the ID-only one, so that 05_student.py can train on both; 04_embed.py --titles reads it."""
+    tag = "_title" if item_repr == "title" else ""
+    return {"adapter": f"sft_adapter{tag}", "head": f"sft_head{tag}.pt", "metrics": f"sft_metrics{tag}.json",
+            "checkpoint": f"sft{tag}.ckpt.pt", "item_emb": f"item_emb{tag}.pt"}
 
 
 def load_artifact(path, **torch_kwargs):
@@ -1117,10 +1126,10 @@ class PromptBuilder:
     TITLE_TOKENS = 16  # ml-100k's titles: 4.6 tokens on average with SmolLM2's tokenizer, 99% of them within 16
 
     @staticmethod
-    def check_titles(item_repr, titles):
+    def check_titles(item_repr, titles, option="--item-repr title"):
         """Scripts call this before loading the LLM, so a dataset without titles stops at once."""
         if item_repr == "title" and not titles:
-            raise UserError("--item-repr title needs item titles, and this dataset has none: RecBole data carries them "
+            raise UserError(f"{option} needs item titles, and this dataset has none: RecBole data carries them "
                             "in the .item file beside the .inter (as data/ml-100k does)")
 
     def __init__(self, tokenizer, item_repr, num_items, titles=None):
@@ -1152,6 +1161,15 @@ class PromptBuilder:
             slots += item_slots
             item_ends.append(len(ids) - 1)
         return Prompt(ids + self.suffix, slots + [0] * len(self.suffix), item_ends)
+
+
+def item_texts(data, option="--text"):
+    """Each item's text, beyond the paper's ID-only setting: its title, then its genres where the data has them
+    ('Toy Story. Genres: Animation, Children's, Comedy.'). Index 0 (padding) is ''."""
+    titles, genres = data.get("item_titles"), data.get("item_groups")
+    PromptBuilder.check_titles("title", titles, option)
+    return [""] + [f"{titles[i]}." + (f" Genres: {', '.join(genres[i])}." if genres and genres[i] else "")
+                   for i in range(1, len(titles))]
 
 
 def token_batches(lengths, max_tokens, shuffle, generator=None):
@@ -1284,6 +1302,14 @@ class LoRALLM(nn.Module):
         """Final hidden state at each prompt's last token: [prompts, hidden_size]."""
         return self.hidden_states(batch)[batch.bounds[1:] - 1]
 
+    def mean_hidden(self, batch):
+        """Final hidden states averaged over each prompt's tokens: [prompts, hidden_size]."""
+        lengths = batch.bounds.diff().long()
+        prompt_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+        states = self.hidden_states(batch).float()
+        sums = states.new_zeros(len(lengths), states.shape[1]).index_add_(0, prompt_of_token, states)
+        return sums / lengths[:, None]
+
     def forward(self, batch, positions=None):
         """Log-probabilities over the head's classes at each prompt's last token ([prompts, num_outputs]); with
         `positions` (indices into the packed row), also at those tokens ([positions, num_outputs])."""
@@ -1314,14 +1340,14 @@ def preference_kl(log_pred, prior):
     return F.kl_div(log_pred, prior, reduction="batchmean")
 
 
-def load_tuned_llm(args, device):
-    """Rebuild 03_sft.py's tuned LLM (base + saved adapter + head + item tokens) for 04_embed.py."""
+def load_tuned_llm(args, device, files):
+    """Rebuild 03_sft.py's tuned LLM (base + saved adapter + head + item tokens) for 04_embed.py; `files`:
+    sft_files() of the SFT to load."""
     sft_dir = stage_dir(args)
-    state_path = require(os.path.join(sft_dir, "sft_head.pt"), f"python 03_sft.py --data {args.data}")
-    state = load_artifact(state_path)
+    state = load_artifact(os.path.join(sft_dir, files["head"]))
     base, tokenizer = load_llm(state["args"]["llm"], device)
     model = LoRALLM(base, state["num_outputs"], item_repr=state["args"]["item_repr"], num_items=state["num_items"],
-                    teacher_item_emb=state["teacher_item_emb"], adapter_dir=os.path.join(sft_dir, "sft_adapter"))
+                    teacher_item_emb=state["teacher_item_emb"], adapter_dir=os.path.join(sft_dir, files["adapter"]))
     for name, part in state["trainable"].items():
         if part is not None:
             getattr(model, name).load_state_dict(part)

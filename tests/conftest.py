@@ -112,6 +112,34 @@ def synthetic_file(tmp_path_factory):
     return str(write_synthetic(tmp_path_factory.mktemp("data") / "Synth.txt"))
 
 
+def write_synthetic_recbole(path, seed=0):
+    """The synthetic data as RecBole files with item text: the .inter, and a .item giving each item a title and
+    its group as genre, as ml-100k's carries them."""
+    inter, items = ["user_id:token\titem_id:token\ttimestamp:float"], ["item_id:token\tmovie_title:token_seq\tclass:token_seq"]
+    for line in write_synthetic(path.with_suffix(".txt"), seed).read_text().splitlines():
+        user, *seq = line.split()
+        inter += [f"{user}\t{item}\t{t}" for t, item in enumerate(seq)]
+    items += [f"{i}\tFilm {i}\tgenre{(i - 1) // GROUP_SIZE}" for i in range(1, NUM_GROUPS * GROUP_SIZE + 1)]
+    path.write_text("\n".join(inter) + "\n")
+    path.with_suffix(".item").write_text("\n".join(items) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def titled(tmp_path_factory, tiny_llm):
+    """Stages 01-04 on the synthetic data with titles, beyond the paper's ID-only setting: the SFT that names items by
+    title (03_sft.py --item-repr title, 04_embed.py --titles) and the base LLM over item text (04_embed.py --text)."""
+    out = tmp_path_factory.mktemp("titled")
+    inter = write_synthetic_recbole(tmp_path_factory.mktemp("recbole") / "titled.inter")
+    common = ["--data", "titled", "--out", out, "--device", "cpu"]
+    run_stage("01_prepare.py", "--data-file", inter, *common)
+    run_stage("02_teacher.py", *common, *TEACHER_ARGS)
+    run_stage("03_sft.py", *common, "--llm", tiny_llm, "--item-repr", "title", *SFT_ARGS)
+    run_stage("04_embed.py", *common, "--titles")
+    run_stage("04_embed.py", *common, "--text", "--llm", tiny_llm)
+    return out / "titled"
+
+
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory, tiny_llm, synthetic_file):
     """Run all five stages once on the synthetic data with tiny settings; returns the out dir of the dataset."""

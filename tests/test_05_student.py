@@ -143,11 +143,25 @@ def test_runs_trained_together_match_runs_trained_alone(pipeline, tmp_path, fuse
         assert len({r["last_epoch"] for r in results["yes"]}) > 1  # the runs of one group stopped at different epochs
 
 
+def test_item_text_variants_with_their_own_fusions(titled):
+    """text and p2rec-text (beyond the ID-only setting) train beside vanilla; a fusion named in --variants is used."""
+    proc = run_stage("05_student.py", "--data", "titled", "--out", titled.parent, *TINY, "--models", "sasrec",
+                     "--variants", "vanilla,text,text+align,p2rec-text+add")
+    runs = json.loads((titled / "results.json").read_text())["runs"]
+    assert [r["variant"] for r in runs] == ["vanilla", "text", "text+align", "p2rec-text+add"]
+    assert len({r["test"]["NDCG@10"] for r in runs}) == 4  # four different item tables
+    assert "| ce | sasrec | p2rec-text+add |" in (titled / "results.md").read_text() and "students: 4 runs" in proc.stdout
+    inputs = json.loads((titled / "results.json.meta.json").read_text())["inputs"]
+    assert {"item_emb_text.pt", "item_emb_title.pt"} <= set(inputs)
+
+
 def test_student_errors(pipeline, tmp_path):
     out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt", "sft_head.pt", "item_emb.pt")
     cases = [(["--variants", "enhanced"], "must include vanilla"),
              (["--variants", "vanilla,base-llm"], "python 04_embed.py --data synth --base"),
-             (["--variants", "vanilla,llm"], "unknown --variants entry llm")]
+             (["--variants", "vanilla,llm"], "unknown --variants entry llm"),
+             (["--variants", "vanilla,enhanced+sum"], "unknown --variants fusion entry sum"),
+             (["--variants", "vanilla,text"], "python 04_embed.py --data synth --text")]
     for args, message in cases:
         proc = run_stage("05_student.py", "--data", "synth", "--out", out, "--device", "cpu", *args, check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr

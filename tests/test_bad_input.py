@@ -136,6 +136,15 @@ def test_titles_asked_of_a_dataset_without_them(prepared, tiny_llm):
     assert_clean_failure(proc, "--item-repr title needs item titles", prepared, before)
 
 
+def test_text_asked_of_a_dataset_without_it(prepared, tiny_llm):
+    for flag in ("--text", "--titles"):
+        before = snapshot(prepared)
+        proc = run_stage("04_embed.py", "--data", "synth", "--out", prepared, "--llm", tiny_llm, flag, "--device", "cpu",
+                         check=False)
+        assert_clean_failure(proc, f"{flag} needs item titles, and this dataset has none: RecBole data carries them in "
+                             "the .item file beside the .inter", prepared, before)
+
+
 def test_device_torch_does_not_know(prepared):
     for device, words in (("gpu", "--device gpu is not a device torch knows"), ("mps", "only cpu and cuda devices")):
         before = snapshot(prepared)
