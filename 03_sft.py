@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (ITEM_REPRS, LoRALLM, PromptBuilder, UserError, add_common_args, all_reduce_sum, check_positive,
+from common import (ITEM_REPRS, LoRALLM, PromptBuilder, UserError, add_common_args, all_reduce_sum, available_memory,
+                    check_positive,
                     compile_blocks, current_teacher, file_fingerprint, llm_fingerprint, load_checkpoint, load_dataset,
                     load_artifact, load_llm, pack_prompts, pick_device, preference_kl, run_main, run_settings, save_atomic,
                     save_checkpoint, seed_everything, setup_distributed, sft_files, split_user, stage_dir, token_batches)
@@ -82,17 +83,54 @@ def add_sft_args(parser):
                              "comma-separated module names, such as q_proj,v_proj")
 
 
-def batch_defaults(args, device, prompts, world=1):
+def batch_defaults(args, device, prompts, config, world=1):
     """--max-tokens and --lr where not given. On a GPU a small LLM's step costs about the same for 8k or 32k
     tokens (it is bound by kernel launches), so the GPU takes 32k-token batches, but never more than 1/32 of an
     epoch's tokens (nor less than the longest prompt): a small dataset still gets 32 optimiser steps per epoch
-    (ml-100k got 6 and fitted worse). The learning rate grows with the square root of the whole batch, from
-    1e-3 at 8192 tokens."""
+    (ml-100k got 6 and fitted worse). On a CPU, 4096 tokens, or fewer where the RAM at hand holds fewer. The
+    learning rate grows with the square root of the whole batch, from 1e-3 at 8192 tokens."""
+    longest = max(len(p.ids) for p in prompts)
     if args.max_tokens is None:
-        lengths = [len(p.ids) for p in prompts]
-        per_step = max(max(lengths), sum(lengths) // (32 * world))
+        per_step = max(longest, sum(len(p.ids) for p in prompts) // (32 * world))
         args.max_tokens = min(32768, per_step) if device.type == "cuda" else 4096
+        if device.type == "cpu":
+            args.max_tokens = cpu_batch_that_fits(args.max_tokens, longest, config)
+    elif device.type == "cpu":
+        check_cpu_batch(args.max_tokens, longest, config)
     args.lr = args.lr or 1e-3 * math.sqrt(args.max_tokens * world / 8192)
+
+
+def cpu_step_bytes(tokens, config):
+    """Peak memory of a CPU training step beyond the weights. Every adapted layer keeps its input and its LoRA
+    path's for the backward pass, in fp32: about 40 floats per hidden unit and 6 per MLP unit, per token and
+    layer, fitted to SmolLM2-135M with LoRA on all linear layers (a 4096-token step peaked at 15.7 GB)."""
+    mlp = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
+    return 4 * tokens * config.num_hidden_layers * (40 * config.hidden_size + 6 * mlp)
+
+
+def cpu_batch_that_fits(max_tokens, longest, config):
+    """Halve the default CPU batch until a step fits in 80% of the available RAM, saying so."""
+    free = available_memory(torch.device("cpu"))
+    fitted = max_tokens
+    while free is not None and fitted > longest and cpu_step_bytes(fitted, config) > 0.8 * free:
+        fitted //= 2
+    if fitted != max_tokens:
+        print(f"--max-tokens {fitted}: a step of {max_tokens} tokens needs about "
+              f"{cpu_step_bytes(max_tokens, config) / 2**30:.1f} GiB and {free / 2**30:.1f} GiB of RAM is available")
+    check_cpu_batch(max(fitted, longest), longest, config)
+    return max(fitted, longest)
+
+
+def check_cpu_batch(max_tokens, longest, config):
+    """Refuse, before training, a CPU batch budget whose step cannot fit in the available RAM."""
+    free = available_memory(torch.device("cpu"))
+    need = cpu_step_bytes(max(max_tokens, longest), config)
+    if free is not None and need > 0.8 * free:
+        fits = int(0.8 * free / cpu_step_bytes(1, config))
+        fix = (f"pass --max-tokens {fits} or less" if fits >= longest else
+               f"lower --max-items (the longest prompt has {longest} tokens) or use a smaller LLM")
+        raise UserError(f"a training step of {max(max_tokens, longest)} tokens needs about {need / 2**30:.1f} GiB "
+                        f"and {free / 2**30:.1f} GiB of RAM is available: {fix}")
 
 
 def check_sft_args(args):
@@ -484,7 +522,7 @@ def main():
     categories = categories_and_priors(args, inputs)
     base, tokenizer = load_llm(args.llm, device)
     train_set, val_set, refs = build_samples(args, data, tokenizer, categories)
-    batch_defaults(args, device, train_set.prompts, world)
+    batch_defaults(args, device, train_set.prompts, base.config, world)
     num_outputs = args.k if args.level == "user" else data["num_items"] + 1  # item 0 is padding, never a target
     model = LoRALLM(base, num_outputs, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets,
                     item_repr=args.item_repr, num_items=data["num_items"], teacher_item_emb=inputs["teacher_emb"]).to(device)

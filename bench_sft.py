@@ -102,8 +102,8 @@ def timed(device, fn):
 def bench_level(level, data, tokenizer, args, device):
     builder = PromptBuilder(tokenizer, args.item_repr, data["num_items"], data.get("item_titles"))
     train_set, infer_set = level_samples(level, data, builder, args)
-    sft.batch_defaults(args, device, train_set.prompts)  # as 03_sft.py; a later level keeps the first one's budget
     base = build_base(args, tokenizer, device)
+    sft.batch_defaults(args, device, train_set.prompts, base.config)  # as 03_sft.py; a later level keeps the first one's budget
     params = non_embedding_params(base)
     num_outputs = args.k if level == "user" else data["num_items"] + 1
     model = LoRALLM(base, num_outputs, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets,

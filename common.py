@@ -1081,6 +1081,35 @@ def load_config_and_tokenizer(llm):
     return config, tokenizer
 
 
+def available_memory(device):
+    """Bytes a new allocation can take: the GPU's free memory, or the RAM Linux reports as available (None where
+    neither can be read: then nothing is checked)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def check_weights_fit(auto, config, llm, dtype, device):
+    """Refuse an LLM whose weights alone cannot fit in the memory at hand, before any weight is allocated (the
+    parameters are counted on the meta device), instead of a machine that swaps until it stops answering."""
+    free = available_memory(device)
+    if free is None:
+        return
+    with torch.device("meta"):
+        params = sum(p.numel() for p in auto.from_config(config).parameters())
+    need = params * dtype.itemsize
+    if need > 0.9 * free:
+        fits = 0.9 * free / dtype.itemsize
+        raise UserError(f"--llm {llm} has {params / 1e9:.1f}B parameters: its {str(dtype).removeprefix('torch.')} weights alone need "
+                        f"{need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB is free on the {device.type}; "
+                        f"choose an LLM of at most about {fits / 1e9:.1f}B parameters"
+                        + (" or a GPU (bf16 halves it)" if device.type == "cpu" else ""))
+
+
 def load_llm(llm, device, lm_head=False):
     """Load the base transformer and its tokenizer: without the LM head (P2Rec needs only hidden states),
     or with it (`lm_head`: the baselines score item names by their likelihood).
@@ -1090,6 +1119,7 @@ def load_llm(llm, device, lm_head=False):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # SDPA: with no attention mask and causal attention it runs the flash kernel on the GPU.
     auto = AutoModelForCausalLM if lm_head else AutoModel
+    check_weights_fit(auto, config, llm, dtype, device)
     # The directory the config was read from (for a GGUF file, its converted copy): located and hashed once.
     model = auto.from_pretrained(config.name_or_path, config=config, dtype=dtype, attn_implementation="sdpa").to(device)
     return model, tokenizer

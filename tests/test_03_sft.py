@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from common import Prompt, pack_prompts
+from common import Prompt, UserError, pack_prompts
 from conftest import (NUM_GROUPS, NUM_USERS, SFT_ARGS, TEACHER_ARGS, copy_artifacts, kill_when_checkpointed,
                       make_tiny_llm, run_stage, run_torchrun)
 
@@ -39,11 +39,15 @@ def test_reference_kls_on_a_hand_made_case():
     assert sft.gap_closed(refs["mean_prior_kl"] / 4, refs)["gap_closed"] == pytest.approx(0.75)
 
 
+TINY_CONFIG = argparse.Namespace(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+SMOLLM2_CONFIG = argparse.Namespace(hidden_size=576, intermediate_size=1536, num_hidden_layers=30)
+
+
 def test_batch_defaults_grow_on_a_gpu_but_keep_32_steps_per_epoch():
     def defaults(device, train_tokens, world=1, longest=200):
         args = argparse.Namespace(max_tokens=None, lr=None)
         lengths = [longest] + [100] * ((train_tokens - longest) // 100)
-        sft.batch_defaults(args, torch.device(device), [Prompt(list(range(n)), [], []) for n in lengths], world)
+        sft.batch_defaults(args, torch.device(device), [Prompt(list(range(n)), [], []) for n in lengths], TINY_CONFIG, world)
         return args.max_tokens, args.lr
 
     assert defaults("cuda", 1_200_000) == (32768, pytest.approx(2e-3))  # Beauty: the budget alone binds
@@ -52,8 +56,23 @@ def test_batch_defaults_grow_on_a_gpu_but_keep_32_steps_per_epoch():
     assert defaults("cuda", 3_000, longest=300)[0] == 300  # a tiny dataset: never below its longest prompt
     assert defaults("cpu", 1_200_000) == (4096, pytest.approx(1e-3 * math.sqrt(0.5)))
     args = argparse.Namespace(max_tokens=8192, lr=5e-4)
-    sft.batch_defaults(args, torch.device("cuda"), [Prompt(list(range(100)), [], [])] * 2000)
+    sft.batch_defaults(args, torch.device("cuda"), [Prompt(list(range(100)), [], [])] * 2000, TINY_CONFIG)
     assert (args.max_tokens, args.lr) == (8192, 5e-4)  # what the user gave is kept
+
+
+def test_cpu_batches_shrink_to_the_ram_at_hand_or_are_refused(monkeypatch, capsys):
+    """With 1 GiB of RAM free, SmolLM2-135M's step (about 3.9 MB a token) fits 221 tokens: the default budget
+    halves to 128 and says so; a budget the user gave, or a prompt longer than what fits, is refused at once."""
+    monkeypatch.setattr(sft, "available_memory", lambda device: 2 ** 30)
+    def batch(max_tokens, longest=100):
+        args = argparse.Namespace(max_tokens=max_tokens, lr=None)
+        sft.batch_defaults(args, torch.device("cpu"), [Prompt(list(range(longest)), [], [])] * 50, SMOLLM2_CONFIG)
+        return args.max_tokens
+    assert batch(None) == 128 and "--max-tokens 128: a step of 4096 tokens needs about 14.8 GiB" in capsys.readouterr().out
+    with pytest.raises(UserError, match="needs about 14.8 GiB and 1.0 GiB of RAM is available: pass --max-tokens 221 or less"):
+        batch(4096)
+    with pytest.raises(UserError, match="lower --max-items \\(the longest prompt has 300 tokens\\)"):
+        batch(None, longest=300)
 
 
 def test_prefix_distributions_count_the_items_so_far():

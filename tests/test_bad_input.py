@@ -145,6 +145,19 @@ def test_text_asked_of_a_dataset_without_it(prepared, tiny_llm):
                              "the .item file beside the .inter", prepared, before)
 
 
+def test_an_llm_too_big_for_the_memory_is_refused_before_loading(prepared, tiny_llm, tmp_path):
+    """A 70B-shaped config (its weights never exist): refused from the parameter count, before any allocation."""
+    from transformers import AutoTokenizer, LlamaConfig
+    big = tmp_path / "big_llm"
+    AutoTokenizer.from_pretrained(tiny_llm).save_pretrained(big)
+    LlamaConfig(vocab_size=300, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8).save_pretrained(big)
+    before = snapshot(prepared)
+    proc = run_stage("03_sft.py", "--data", "synth", "--out", prepared, "--llm", big, "--k", 4, "--device", "cpu", check=False)
+    assert_clean_failure(proc, "has 68.5B parameters: its float32 weights alone need 255.0 GiB", prepared, before)
+    assert "choose an LLM of at most about" in proc.stderr
+
+
 def test_device_torch_does_not_know(prepared):
     for device, words in (("gpu", "--device gpu is not a device torch knows"), ("mps", "only cpu and cuda devices")):
         before = snapshot(prepared)
