@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from common import (FUSIONS, KS, LOSSES, Dropout, ItemEmbedding, SASRec, UserError, add_common_args, add_train_args,
                     check_made_from, check_positive, current_artifact, current_teacher, file_fingerprint,
                     format_metrics, llm_features, load_artifact, load_dataset, matching_checkpoint, pick_device,
-                    rank_metrics, require, run_main, run_settings, save_atomic, seed_everything, split_user, stage_dir,
-                    train_recommender)
+                    rank_metrics, require, run_main, run_settings, save_atomic, seed_everything, stage_dir,
+                    train_popularity, train_recommender)
 
 METRICS = [f"{m}@{k}" for m in ("HR", "NDCG") for k in KS]
 VARIANTS = ("vanilla", "enhanced", "base-llm", "categories", "teacher", "text", "p2rec-text")
@@ -200,9 +200,7 @@ def build_runs(args, data, features):
 def subgroup_masks(sequences, num_items):
     """Test users by their target (tail: the 80% least popular items in training; head: the rest) and by their
     history (short: at most 5 training items; long: more)."""
-    popularity = torch.zeros(num_items + 1)
-    for seq in sequences:
-        popularity.index_add_(0, torch.tensor(split_user(seq)[0]), torch.ones(len(seq) - 2))
+    popularity = train_popularity(sequences, num_items)
     head = torch.zeros(num_items + 1, dtype=torch.bool)
     head[1 + popularity[1:].argsort(descending=True)[: num_items // 5]] = True
     is_head = head[torch.tensor([seq[-1] for seq in sequences])]

@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
@@ -312,6 +313,14 @@ def load_dataset(args):
     data = load_artifact(path)
     data["fingerprint"] = file_fingerprint(path)
     return data
+
+
+def train_popularity(sequences, num_items):
+    """How often each item occurs in the training splits (every user's items but the last two): [num_items + 1]."""
+    counts = torch.zeros(num_items + 1)
+    for seq in sequences:
+        counts.index_add_(0, torch.tensor(split_user(seq)[0]), torch.ones(len(seq) - 2))
+    return counts
 
 
 def split_user(seq):
@@ -971,6 +980,21 @@ def candidate_set(seen, target, num_items, size, rng):
     cands = random_unseen(seen, size - 1, num_items, rng) + [target]
     rng.shuffle(cands)
     return cands
+
+
+def popularity_scores(sequences, num_items, seed):
+    """The popularity floor of the baselines' tables: each item's count in the training splits (every user's items
+    but the last two), plus a random fraction below 1 that breaks ties between equally frequent items at random."""
+    counts = train_popularity(sequences, num_items)
+    return counts + 0.5 * torch.rand(num_items + 1, generator=torch.Generator().manual_seed(seed))
+
+
+def expected_at_random(metrics_of_rank, candidates):
+    """What a random order scores on average: the metrics of every rank 0..candidates-1, averaged."""
+    totals = Counter()
+    for rank in range(candidates):
+        totals.update(metrics_of_rank(rank))
+    return {k: v / candidates for k, v in totals.items()}
 
 
 def candidate_rank(scores, target_index):

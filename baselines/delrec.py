@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (UserError, add_common_args, candidate_rank, candidate_set, check_positive, load_dataset,  # noqa: E402
-                    load_llm, load_teacher_and_student, pick_device, random_unseen, run_main, sasrec_scores, save_atomic,
-                    seed_everything, split_user, stage_dir)
+from common import (UserError, add_common_args, candidate_rank, candidate_set, check_positive,  # noqa: E402
+                    expected_at_random, load_dataset, load_llm, load_teacher_and_student, pick_device, popularity_scores,
+                    random_unseen, run_main, sasrec_scores, save_atomic, seed_everything, split_user, stage_dir)
 
 KS = (1, 5, 10)
 
@@ -154,8 +154,7 @@ def chunks(samples, size):
     return [samples[i:i + size] for i in range(0, len(samples), size)]
 
 
-def candidate_metrics(scores, target_index):
-    rank = candidate_rank(scores, target_index)
+def rank_metrics(rank):
     out = {f"HR@{k}": float(rank < k) for k in KS}
     out.update({f"NDCG@{k}": (rank < k) / math.log2(rank + 2) for k in (5, 10)})
     return out
@@ -227,10 +226,13 @@ def test_systems(systems, model, prompts, seqs, test_users, num_items, args, dev
                 continue
             if m is model:
                 scores = model.score(prompts.ranking(history, cands), [prompts.name_ids(c) for c in cands], device)
+            elif isinstance(m, torch.Tensor):  # the popularity floor
+                scores = m[cands]
             else:
                 scores = sasrec_scores(m, history, cands)
-            totals[name].update(candidate_metrics(scores, cands.index(target)))
-    return {name: {k: v / len(test_users) for k, v in t.items()} for name, t in totals.items()}
+            totals[name].update(rank_metrics(candidate_rank(scores, cands.index(target))))
+    result = {name: {k: v / len(test_users) for k, v in t.items()} for name, t in totals.items()}
+    return {**result, "random (expected)": expected_at_random(rank_metrics, args.candidates)}
 
 
 def main():
@@ -270,7 +272,8 @@ def main():
     model.eval()
     n_test = args.test_users or len(seqs)
     test_users = range(len(seqs)) if n_test >= len(seqs) else rng.sample(range(len(seqs)), n_test)
-    systems = {"SASRec teacher": teacher, "P2Rec student": student, "DELRec": model}
+    systems = {"popularity": popularity_scores(seqs, data["num_items"], args.seed), "SASRec teacher": teacher,
+               "P2Rec student": student, "DELRec": model}
     result = test_systems(systems, model, prompts, seqs, test_users, data["num_items"], args, device)
     variant = "DELRec, no stage 1" if args.no_stage1 else "DELRec"
     result[variant] = result.pop("DELRec")

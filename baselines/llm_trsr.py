@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (UserError, add_common_args, candidate_rank, candidate_set, check_positive,  # noqa: E402
-                    llm_fingerprint, load_dataset, load_llm, load_teacher_and_student, matmul_dtype, pick_device,
+                    expected_at_random, llm_fingerprint, popularity_scores, load_dataset, load_llm, load_teacher_and_student, matmul_dtype, pick_device,
                     random_unseen, run_main, sasrec_scores, save_atomic, seed_everything, split_user,
                     stage_dir)
 
@@ -246,9 +246,8 @@ def training_pairs(seqs, users, num_items, rng):
     return pairs
 
 
-def ranking_metrics(scores, target_index):
-    """Recall@K and MRR@K of one target among the candidates (ties count against it)."""
-    rank = candidate_rank(scores, target_index)
+def ranking_metrics(rank):
+    """Recall@K and MRR@K of a target at 0-based `rank` among the candidates."""
     out = {f"Recall@{k}": float(rank < k) for k in KS}
     out.update({f"MRR@{k}": (rank < k) / (rank + 1) for k in KS})
     return out
@@ -299,10 +298,13 @@ def test_systems(systems, llm, texts, answers, seqs, test_users, histories, summ
             if m is llm:
                 scores = yes_probability(llm, texts.user_ids(summary, history[-args.recent:]),
                                          [texts.candidate_ids(c) for c in cands], list(answers.values()), device)
+            elif isinstance(m, torch.Tensor):  # the popularity floor
+                scores = m[cands]
             else:
                 scores = sasrec_scores(m, history, cands)
-            totals[name].update(ranking_metrics(scores, cands.index(seqs[u][-1])))
-    return {name: {k: v / len(test_users) for k, v in t.items()} for name, t in totals.items()}
+            totals[name].update(ranking_metrics(candidate_rank(scores, cands.index(seqs[u][-1]))))  # ties count against it
+    result = {name: {k: v / len(test_users) for k, v in t.items()} for name, t in totals.items()}
+    return {**result, "random (expected)": expected_at_random(ranking_metrics, args.candidates)}
 
 
 def main():
@@ -346,7 +348,8 @@ def main():
     print(f"LoRA: {len(samples)} samples (1:1 positives and negatives), {args.epochs} epoch(s), last loss {loss:.3f}")
 
     # 3. test: every system ranks the same candidates
-    systems = {"SASRec teacher": teacher, "P2Rec student": student, f"LLM-TRSR ({args.paradigm})": llm}
+    systems = {"popularity": popularity_scores(seqs, data["num_items"], args.seed), "SASRec teacher": teacher,
+               "P2Rec student": student, f"LLM-TRSR ({args.paradigm})": llm}
     result = test_systems(systems, llm, texts, answers, seqs, test_users, test_histories, test_summaries,
                           data["num_items"], args, device)
     meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"]}

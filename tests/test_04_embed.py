@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from common import LoRALLM, load_llm
+from common import load_llm
 from conftest import TEACHER_ARGS, copy_artifacts, run_stage, run_torchrun
 
 

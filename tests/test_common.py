@@ -5,9 +5,9 @@ import torch
 import pytest
 
 from common import (NEGATIVE_DRAWS, ItemEmbedding, LoRALLM, PromptBuilder, RunGroup, SASRec, bce_negatives, eval_split,
-                    graph_widths, left_pad, load_llm, negative_draws, pack_prompts, preference_kl, rank_metrics, run_losses,
-                    sampled_negatives, sampled_ranks, split_user, stack_batches, target_ranks, token_batches, train_pairs,
-                    train_tensors, trim_padding)
+                    graph_widths, left_pad, load_llm, negative_draws, pack_prompts, popularity_scores, preference_kl,
+                    rank_metrics, run_losses, sampled_negatives, sampled_ranks, split_user, stack_batches, target_ranks,
+                    token_batches, train_pairs, train_popularity, train_tensors, trim_padding)
 
 
 def test_rank_metrics_hand_computed():
@@ -174,3 +174,11 @@ def test_prompts_mark_each_item_and_write_ids_as_asked(tiny_llm):
     assert named.ids == (named.ids[:len(builder.prefix)] + tokens(" Toy Story") + comma
                          + tokens(" " + titles[123])[:PromptBuilder.TITLE_TOKENS] + comma + builder.suffix)
     assert sum(s > 0 for s in named.slots) == 0  # titles are ordinary tokens
+
+
+def test_popularity_counts_training_items_and_breaks_ties_at_random():
+    sequences = [[1, 2, 2, 3, 4], [2, 1, 5, 6]]  # training splits: [1, 2, 2] and [2, 1]
+    assert train_popularity(sequences, 6).tolist() == [0, 2, 3, 0, 0, 0, 0]
+    scores = popularity_scores(sequences, 6, seed=0)
+    assert scores.argsort(descending=True)[:2].tolist() == [2, 1]  # counts decide, the fraction only breaks ties
+    assert len(set(scores[3:].tolist())) == 4 and torch.equal(scores, popularity_scores(sequences, 6, seed=0))

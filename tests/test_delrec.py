@@ -82,7 +82,8 @@ def test_end_to_end_with_adalora(pipeline, tmp_path, tiny_llm):
     out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt", "student.pt")
     run_stage("baselines/delrec.py", "--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, *ARGS)
     metrics = json.loads((out / "synth" / "delrec_metrics.json").read_text())["metrics"]
-    assert set(metrics) == {"SASRec teacher", "P2Rec student", "DELRec"}
+    assert set(metrics) == {"random (expected)", "popularity", "SASRec teacher", "P2Rec student", "DELRec"}
+    assert metrics["random (expected)"]["HR@10"] == pytest.approx(10 / 20)
     for m in metrics.values():
         assert 0 <= m["HR@1"] <= m["HR@5"] <= m["HR@10"] <= 1
     assert torch.load(out / "synth" / "delrec_soft_prompt.pt")["soft"].shape[0] == 4

@@ -10,6 +10,7 @@ from conftest import ROOT, copy_artifacts, run_stage
 
 sys.path.insert(0, ROOT + "/baselines")
 import llm_trsr  # noqa: E402
+from common import candidate_rank, expected_at_random  # noqa: E402
 
 ARGS = ["--train-users", 30, "--test-users", 20, "--summary-tokens", 4, "--generate-batch", 16, "--lr", 1e-2]
 
@@ -142,10 +143,15 @@ def test_lora_learns_to_answer(tiny_llm, tiny, answer):
 
 
 def test_ranking_metrics_count_ties_against_the_target():
-    m = llm_trsr.ranking_metrics(torch.tensor([0.9, 0.5, 0.5, 0.1]), 2)  # rank 3 with the tie
+    m = llm_trsr.ranking_metrics(candidate_rank(torch.tensor([0.9, 0.5, 0.5, 0.1]), 2))  # rank 3 with the tie
     assert m["Recall@3"] == 1 and m["MRR@3"] == pytest.approx(1 / 3)
-    m = llm_trsr.ranking_metrics(torch.tensor([0.1] * 3 + [0.9] * 8), 0)
+    m = llm_trsr.ranking_metrics(candidate_rank(torch.tensor([0.1] * 3 + [0.9] * 8), 0))
     assert m["Recall@10"] == 0 and m["MRR@10"] == 0
+
+
+def test_random_expectation_is_the_mean_over_ranks():
+    m = expected_at_random(llm_trsr.ranking_metrics, 21)
+    assert m["Recall@10"] == pytest.approx(10 / 21) and m["MRR@3"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 21)
 
 
 @pytest.mark.parametrize("paradigm", llm_trsr.PARADIGMS)
@@ -154,7 +160,8 @@ def test_end_to_end(pipeline, tmp_path, tiny_llm, paradigm):
     common = ["--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, "--paradigm", paradigm, *ARGS]
     proc = run_stage("baselines/llm_trsr.py", *common)
     result = json.loads((out / "synth" / f"llm_trsr_{paradigm}_metrics.json").read_text())
-    assert set(result["metrics"]) == {"SASRec teacher", "P2Rec student", f"LLM-TRSR ({paradigm})"}
+    assert set(result["metrics"]) == {"random (expected)", "popularity", "SASRec teacher", "P2Rec student",
+                                      f"LLM-TRSR ({paradigm})"}
     assert result["train_samples"] == 60
     for m in result["metrics"].values():
         assert 0 <= m["MRR@3"] <= m["Recall@3"] <= m["Recall@5"] <= m["Recall@10"] <= 1
