@@ -65,7 +65,7 @@ def text_prompts(tokenizer, texts):
 
 
 def check_sft(args, data, out, files):
-    """The SFT's settings, after checking that it was made from the current dataset and teacher."""
+    """Stop unless the SFT was made from the current dataset and teacher."""
     made_by = f"python 03_sft.py --data {args.data}" + " --item-repr title" * args.titles
     sft_meta = require(os.path.join(out, files["head"] + ".meta.json"), made_by)
     check_made_from(sft_meta, "dataset_fingerprint", data["fingerprint"],
@@ -95,7 +95,8 @@ def embedder(args, data, device):
         item_repr = state["args"]["item_repr"]
     builder = PromptBuilder(tokenizer, item_repr, data["num_items"], data.get("item_titles"))
     name = "item_emb_base.pt" if args.base else files["item_emb"]
-    return model, item_prompts(builder, data["num_items"]), "last", name, {"sft_fingerprint": file_fingerprint(os.path.join(out, files["head"]))}
+    inputs = {"sft_fingerprint": file_fingerprint(os.path.join(out, files["head"]))}
+    return model, item_prompts(builder, data["num_items"]), "last", name, inputs
 
 
 def main():
