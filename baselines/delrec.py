@@ -17,6 +17,7 @@ Stage 2: the soft prompt is frozen, AdaLoRA adapts the LLM to name the true next
 Scoring: the mean log-likelihood of each candidate's name after the prompt, so every candidate gets a
 score. Items are named by title where the data has them (ml-100k), else "item <id>" (Beauty).
 `--no-stage1` is the paper's ablation: stage 2 with no distilled prompt.
+Interrupted? The same command resumes after the last whole epoch of either stage (out/<dataset>/delrec.ckpt.pt).
 """
 import argparse
 import math
@@ -32,8 +33,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (UserError, add_common_args, candidate_rank, candidate_set, check_positive,  # noqa: E402
-                    expected_at_random, load_dataset, load_llm, load_teacher_and_student, pick_device, popularity_scores,
-                    random_unseen, run_main, sasrec_scores, save_atomic, seed_everything, split_user, stage_dir)
+                    expected_at_random, llm_fingerprint, load_checkpoint, load_dataset, load_llm,
+                    load_teacher_and_student, pick_device, popularity_scores, random_unseen, run_main, run_settings,
+                    sasrec_scores, save_atomic, save_checkpoint, seed_everything, split_user, stage_dir)
 
 KS = (1, 5, 10)
 
@@ -124,11 +126,10 @@ class SoftPromptLM(nn.Module):
         return ((logp * real).sum(1) / lengths).cpu()
 
 
-def train(model, params, batches, args, device, desc, step_hook=None):
-    """AdamW over `params` on batches of (task name, samples); the two distillation tasks share each step
+def train_epoch(model, opt, batches, device, desc, first_step=0, step_hook=None):
+    """One pass of AdamW over batches of (task name, samples); the two distillation tasks share each step
     with dynamic weights: weight_i = loss_i / sum of losses (detached)."""
-    opt = torch.optim.AdamW(params, lr=args.lr)
-    for step, tasks in enumerate(tqdm(batches, desc=desc, leave=False)):
+    for step, tasks in enumerate(tqdm(batches, desc=desc, leave=False), first_step):
         losses = [model.target_nll(samples, device) for samples in tasks]
         total = sum(losses)
         loss = sum(loss * (loss.detach() / total.detach()) for loss in losses) if len(losses) > 1 else total
@@ -140,14 +141,60 @@ def train(model, params, batches, args, device, desc, step_hook=None):
     return loss.item()
 
 
+ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # what AdaLoRA's rank allocator learns as it goes
+
+
+def allocator_state(model, allocator):
+    """AdaLoRA's importance scores and the rank pattern it settled on (None for stage 1, which has no allocator)."""
+    if allocator is None:
+        return None
+    return {**{name: getattr(allocator, name) for name in ALLOCATOR_STATE},
+            "rank_pattern": model.llm.peft_config["default"].rank_pattern}
+
+
+def resume_stage(stage, epochs, model, params, opt, allocator, saved):
+    """(epochs done, last loss) of `stage` in what an interrupted run left, with its weights restored, and, when it
+    stopped inside this stage, the optimiser and AdaLoRA's allocator too."""
+    if saved is None or saved["stage"] < stage:
+        return 0, None
+    with torch.no_grad():
+        for param, value in zip(params, saved["params"][stage]):
+            param.copy_(value)
+    if saved["stage"] > stage:  # this stage was finished
+        return epochs, saved["stage_losses"][stage]
+    opt.load_state_dict(saved["optimizer"])
+    if allocator is not None:
+        for name in ALLOCATOR_STATE:
+            setattr(allocator, name, saved["allocator"][name])
+        model.llm.peft_config["default"].rank_pattern = saved["allocator"]["rank_pattern"]
+    return saved["epoch"], saved["loss"]
+
+
+def train_stage(stage, model, params, batches, epochs, args, device, progress, allocator=None):
+    """`epochs` passes over `batches`, each ending in a checkpoint (`progress`: its path, settings, and what an
+    interrupted run left), so that after Ctrl-C or kill -9 the same command resumes after the last whole epoch.
+    `allocator`: AdaLoRA's rank allocator (stage 2), whose state is saved along."""
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    done, loss = resume_stage(stage, epochs, model, params, opt, allocator, progress["resumed"])
+    hook = (lambda step: model.llm.base_model.update_and_allocate(step)) if allocator is not None else None
+    for epoch in range(done, epochs):
+        loss = train_epoch(model, opt, batches, device, f"stage {stage}, epoch {epoch + 1}", epoch * len(batches), hook)
+        progress["params"][stage] = [p.detach().cpu().clone() for p in params]
+        progress["stage_losses"][stage] = loss
+        save_checkpoint(progress["path"], progress["settings"], epoch + 1, [], stage=stage, loss=loss,
+                        params=progress["params"], stage_losses=progress["stage_losses"], optimizer=opt.state_dict(),
+                        allocator=allocator_state(model, allocator))
+    return loss
+
+
 def add_adalora(model, total_step):
     """Wrap the LLM in AdaLoRA (rank 12 budgeted down to 8 over `total_step` steps, on q/v); returns the
-    trainable parameters. Each step must then call model.llm.base_model.update_and_allocate(step)."""
+    trainable parameters and the rank allocator. Each step must then call update_and_allocate(step)."""
     from peft import AdaLoraConfig, get_peft_model
     config = AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                            total_step=total_step)
     model.llm = get_peft_model(model.llm, config)
-    return [p for p in model.llm.parameters() if p.requires_grad]
+    return [p for p in model.llm.parameters() if p.requires_grad], model.llm.base_model.rankallocator
 
 
 def chunks(samples, size):
@@ -252,11 +299,18 @@ def main():
     seqs = data["sequences"]
     users = rng.sample(range(len(seqs)), min(args.train_users, len(seqs)))
 
-    if not args.no_stage1:  # stage 1: only the soft prompt learns
+    name = "delrec_no_stage1" if args.no_stage1 else "delrec"
+    path = os.path.join(out, f"{name}.ckpt.pt")  # every epoch of both stages: a killed run resumes from here
+    settings = run_settings(args, dataset_fingerprint=data["fingerprint"], llm=llm_fingerprint(args.llm))
+    progress = {"path": path, "settings": settings, "resumed": load_checkpoint(path, settings, args.force, []),
+                "params": {}, "stage_losses": {}}
+    if progress["resumed"] is not None:
+        progress["params"], progress["stage_losses"] = progress["resumed"]["params"], progress["resumed"]["stage_losses"]
+
+    if not args.no_stage1:  # stage 1: only the soft prompt learns (its samples are drawn again on resuming, alike)
         temporal, simulated = stage1_samples(seqs, users, prompts, teacher, data["num_items"], args.candidates, rng)
-        steps = [list(pair) for _ in range(args.stage1_epochs)
-                 for pair in zip(chunks(temporal, args.batch_size), chunks(simulated, args.batch_size))]
-        loss = train(model, [model.soft], steps, args, device, "stage 1: soft prompt")
+        batches = [list(pair) for pair in zip(chunks(temporal, args.batch_size), chunks(simulated, args.batch_size))]
+        loss = train_stage(1, model, [model.soft], batches, args.stage1_epochs, args, device, progress)
         print(f"stage 1: {len(temporal)} temporal + {len(simulated)} simulating samples, last loss {loss:.3f}")
         save_atomic({"soft": model.soft.detach().cpu(), "args": vars(args)},
                     os.path.join(out, "delrec_soft_prompt.pt"), meta)
@@ -264,9 +318,9 @@ def main():
     # stage 2: the soft prompt is frozen, AdaLoRA adapts the LLM to name the true next item
     model.soft.requires_grad_(False)
     recs = stage2_samples(seqs, users, prompts, data["num_items"], args.candidates, rng)
-    steps = [[batch] for _ in range(args.stage2_epochs) for batch in chunks(recs, args.batch_size)]
-    loss = train(model, add_adalora(model, len(steps)), steps, args, device, "stage 2: AdaLoRA",
-                 step_hook=lambda step: model.llm.base_model.update_and_allocate(step))
+    batches = [[batch] for batch in chunks(recs, args.batch_size)]
+    params, allocator = add_adalora(model, len(batches) * args.stage2_epochs)
+    loss = train_stage(2, model, params, batches, args.stage2_epochs, args, device, progress, allocator)
     print(f"stage 2: {len(recs)} samples, last loss {loss:.3f}")
 
     model.eval()
@@ -278,7 +332,8 @@ def main():
     variant = "DELRec, no stage 1" if args.no_stage1 else "DELRec"
     result[variant] = result.pop("DELRec")
     save_atomic({"args": vars(args), "test_users": len(test_users), "metrics": result},
-                os.path.join(out, "delrec_no_stage1_metrics.json" if args.no_stage1 else "delrec_metrics.json"), meta)
+                os.path.join(out, f"{name}_metrics.json"), meta)
+    os.remove(path)
     print(f"{args.candidates} candidates per test user, {len(test_users)} users")
     for name, m in result.items():
         print(f"  {name:20s} " + " ".join(f"{k} {v:.4f}" for k, v in m.items()))

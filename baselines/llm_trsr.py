@@ -21,7 +21,9 @@ Items are named by title and genres where the data has them (ml-100k), else "ite
 Recommender: LoRA (r 8, alpha 16, on q/k/v/o) learns to answer "Yes" for the item that came next and
 "No" for a random item the user never touched (1:1). Score = softmax over the "Yes" and "No" logits.
 Test: the true next item and `--candidates`-1 random unseen items, Recall and MRR at 3/5/10, with the
-SASRec teacher and the P2Rec student scored on the same candidates.
+SASRec teacher and the P2Rec student scored on the same candidates, beside popularity and a random order.
+Interrupted? The same command resumes: summaries come from their cache, the LoRA from its last whole epoch
+(out/<dataset>/llm_trsr_<paradigm>.ckpt.pt).
 """
 import argparse
 import json
@@ -36,9 +38,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (UserError, add_common_args, candidate_rank, candidate_set, check_positive,  # noqa: E402
-                    expected_at_random, llm_fingerprint, popularity_scores, load_dataset, load_llm, load_teacher_and_student, matmul_dtype, pick_device,
-                    random_unseen, run_main, sasrec_scores, save_atomic, seed_everything, split_user,
-                    stage_dir)
+                    expected_at_random, llm_fingerprint, load_checkpoint, load_dataset, load_llm,
+                    load_teacher_and_student, matmul_dtype, pick_device, popularity_scores, random_unseen, run_main,
+                    run_settings, sasrec_scores, save_atomic, save_checkpoint, seed_everything, split_user, stage_dir)
 
 KS = (3, 5, 10)
 PARADIGMS = ("hierarchical", "recurrent")
@@ -219,21 +221,34 @@ def yes_probability(llm, prefix, rests, answers, device):
     return logits.softmax(-1)[:, 0].cpu()
 
 
-def train(llm, params, samples, answers, args, device):
-    """AdamW on the cross-entropy of the answer token ("Yes" or "No") after each prompt, over the vocabulary."""
+def train(llm, params, samples, answers, args, device, checkpoint, settings):
+    """AdamW on the cross-entropy of the answer token ("Yes" or "No") after each prompt, over the vocabulary.
+    Every epoch ends in `checkpoint`: after Ctrl-C or kill -9 the same command resumes after the last whole epoch."""
     opt = torch.optim.AdamW(params, lr=args.lr)
+    start, loss = 0, None
+    resumed = load_checkpoint(checkpoint, settings, args.force, [])
+    if resumed is not None:
+        with torch.no_grad():
+            for param, saved in zip(params, resumed["params"]):
+                param.copy_(saved)
+        opt.load_state_dict(resumed["optimizer"])
+        start, loss = resumed["epoch"], resumed["loss"]
     llm.train()
-    for epoch in range(args.epochs):
-        random.Random(args.seed + epoch).shuffle(samples)
-        batches = [samples[i:i + args.batch_size] for i in range(0, len(samples), args.batch_size)]
+    for epoch in range(start, args.epochs):
+        order = list(samples)
+        random.Random(args.seed + epoch).shuffle(order)
+        batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
         for batch in tqdm(batches, desc=f"LoRA epoch {epoch + 1}", leave=False):
             targets = torch.tensor([answers[label] for _, label in batch], device=device)
-            loss = F.cross_entropy(last_token_logits(llm, [p for p, _ in batch], device), targets)
+            step_loss = F.cross_entropy(last_token_logits(llm, [p for p, _ in batch], device), targets)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss.backward()
             opt.step()
+        loss = step_loss.item()
+        save_checkpoint(checkpoint, settings, epoch + 1, [], params=[p.detach().cpu() for p in params],
+                        optimizer=opt.state_dict(), loss=loss)
     llm.eval()
-    return loss.item()
+    return loss
 
 
 def training_pairs(seqs, users, num_items, rng):
@@ -344,7 +359,9 @@ def main():
     samples = [(prompts[u] + texts.candidate_ids(item), answer)
                for u, item, answer in training_pairs(seqs, train_users, data["num_items"], rng)]
     llm, params = add_lora(llm)
-    loss = train(llm, params, samples, answers, args, device)
+    checkpoint = os.path.join(out, f"llm_trsr_{args.paradigm}.ckpt.pt")
+    loss = train(llm, params, samples, answers, args, device, checkpoint,
+                 run_settings(args, dataset_fingerprint=data["fingerprint"], llm=llm_fingerprint(args.llm)))
     print(f"LoRA: {len(samples)} samples (1:1 positives and negatives), {args.epochs} epoch(s), last loss {loss:.3f}")
 
     # 3. test: every system ranks the same candidates
@@ -355,6 +372,7 @@ def main():
     meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"]}
     save_atomic({"args": vars(args), "test_users": len(test_users), "train_samples": len(samples), "metrics": result},
                 os.path.join(out, f"llm_trsr_{args.paradigm}_metrics.json"), meta)
+    os.remove(checkpoint)
     print(f"{args.candidates} candidates per test user, {len(test_users)} users")
     for name, m in result.items():
         print(f"  {name:28s} " + " ".join(f"{k} {v:.4f}" for k, v in m.items()))

@@ -1,12 +1,11 @@
 import json
 import random
 import sys
-import types
 
 import pytest
 import torch
 
-from conftest import ROOT, copy_artifacts, run_stage
+from conftest import ROOT, copy_artifacts, kill_when_checkpointed, run_stage
 
 sys.path.insert(0, ROOT + "/baselines")
 import delrec  # noqa: E402
@@ -40,9 +39,9 @@ def test_stage1_trains_the_soft_prompt_and_leaves_the_llm_frozen(tiny):
     soft = model.soft.detach().clone()
     samples = [(prompts.temporal([1, 2, 3], 5), prompts.name_ids(4)),
                (prompts.ranking([1, 2], list(range(10, 30))), prompts.name_ids(12))]
-    args = types.SimpleNamespace(lr=1e-2)
     first = model.target_nll(samples, torch.device("cpu")).item()
-    delrec.train(model, [model.soft], [[samples[:1], samples[1:]]] * 20, args, torch.device("cpu"), "t")
+    opt = torch.optim.AdamW([model.soft], lr=1e-2)
+    delrec.train_epoch(model, opt, [[samples[:1], samples[1:]]] * 20, torch.device("cpu"), "t")
     assert model.target_nll(samples, torch.device("cpu")).item() < first
     assert not torch.equal(model.soft, soft)
     assert all(torch.equal(before[k], v) for k, v in llm.state_dict().items())
@@ -54,12 +53,12 @@ def test_stage2_adalora_trains(tiny_llm, tiny):
     torch.manual_seed(0)
     model = delrec.SoftPromptLM(AutoModelForCausalLM.from_pretrained(tiny_llm).requires_grad_(False), 4)
     model.soft.requires_grad_(False)
-    params = delrec.add_adalora(model, total_step=10)
+    params, _ = delrec.add_adalora(model, total_step=10)
     before = [p.detach().clone() for p in params]
     samples = [(prompts.ranking([1, 2], list(range(10, 30))), prompts.name_ids(12))]
     first = model.target_nll(samples, torch.device("cpu")).item()
-    delrec.train(model, params, [[samples]] * 10, types.SimpleNamespace(lr=1e-2), torch.device("cpu"), "t",
-                 step_hook=lambda step: model.llm.base_model.update_and_allocate(step))
+    delrec.train_epoch(model, torch.optim.AdamW(params, lr=1e-2), [[samples]] * 10, torch.device("cpu"), "t",
+                       step_hook=lambda step: model.llm.base_model.update_and_allocate(step))
     assert model.target_nll(samples, torch.device("cpu")).item() < first
     assert any(not torch.equal(a, b) for a, b in zip(before, params))
     assert not model.soft.requires_grad
@@ -91,6 +90,24 @@ def test_end_to_end_with_adalora(pipeline, tmp_path, tiny_llm):
               "--no-stage1")
     ablation = json.loads((out / "synth" / "delrec_no_stage1_metrics.json").read_text())["metrics"]
     assert "DELRec, no stage 1" in ablation
+
+
+def test_killed_run_resumes_to_the_same_metrics(pipeline, tmp_path, tiny_llm):
+    """kill -9 once the first epoch is checkpointed (stage 1 of 2 epochs), then the same command: it resumes after
+    that epoch, through stage 2's AdaLoRA, and ends with the uninterrupted run's metrics."""
+    results = {}
+    for name in ("whole", "killed"):
+        out = copy_artifacts(pipeline, tmp_path / name, "dataset.json", "teacher.pt", "student.pt")
+        args = ["--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, *ARGS,
+                "--stage1-epochs", 2, "--stage2-epochs", 2]
+        checkpoint = out / "synth" / "delrec.ckpt.pt"
+        if name == "killed":
+            kill_when_checkpointed("baselines/delrec.py", args, checkpoint)
+            assert not (out / "synth" / "delrec_metrics.json").exists()
+        proc = run_stage("baselines/delrec.py", *args)
+        assert ("resuming from" in proc.stdout) == (name == "killed") and not checkpoint.exists()
+        results[name] = json.loads((out / "synth" / "delrec_metrics.json").read_text())["metrics"]
+    assert results["killed"] == results["whole"]
 
 
 def test_items_are_named_by_title_or_id():

@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from conftest import ROOT, copy_artifacts, run_stage
+from conftest import ROOT, copy_artifacts, kill_when_checkpointed, run_stage
 
 sys.path.insert(0, ROOT + "/baselines")
 import llm_trsr  # noqa: E402
@@ -122,7 +122,7 @@ def test_yes_probability_covers_every_candidate_and_matches_a_full_forward(tiny)
 
 
 @pytest.mark.parametrize("answer", ["Yes", "No"])
-def test_lora_learns_to_answer(tiny_llm, tiny, answer):
+def test_lora_learns_to_answer(tiny_llm, tiny, answer, tmp_path):
     from transformers import AutoModelForCausalLM
     _, texts = tiny
     torch.manual_seed(0)
@@ -135,8 +135,8 @@ def test_lora_learns_to_answer(tiny_llm, tiny, answer):
                                         list(answers.values()), torch.device("cpu"))
     before = p_yes()
     samples = [(prefix + texts.candidate_ids(7), answer), (prefix + texts.candidate_ids(8), answer)]
-    llm_trsr.train(llm, params, samples, answers, types.SimpleNamespace(lr=3e-2, epochs=10, batch_size=2, seed=0),
-                   torch.device("cpu"))
+    args = types.SimpleNamespace(lr=3e-2, epochs=10, batch_size=2, seed=0, force=False)
+    llm_trsr.train(llm, params, samples, answers, args, torch.device("cpu"), str(tmp_path / "ckpt.pt"), {})
     moved = p_yes() - before
     assert (moved > 0.1).all() if answer == "Yes" else (moved < -0.1).all()
     assert all(p.grad is not None for p in params)
@@ -168,6 +168,23 @@ def test_end_to_end(pipeline, tmp_path, tiny_llm, paradigm):
     assert " 0 generated" not in proc.stdout
     rerun = run_stage("baselines/llm_trsr.py", *common)
     assert " 0 generated" in rerun.stdout  # every summary came from the cache
+
+
+def test_killed_lora_training_resumes_to_the_same_metrics(pipeline, tmp_path, tiny_llm):
+    """kill -9 once the first LoRA epoch is checkpointed, then the same command: it resumes after that epoch and
+    ends with the uninterrupted run's metrics."""
+    results = {}
+    for name in ("whole", "killed"):
+        out = copy_artifacts(pipeline, tmp_path / name, "dataset.json", "teacher.pt", "student.pt")
+        args = ["--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, *ARGS, "--epochs", 2]
+        checkpoint = out / "synth" / "llm_trsr_hierarchical.ckpt.pt"
+        if name == "killed":
+            kill_when_checkpointed("baselines/llm_trsr.py", args, checkpoint)
+            assert not (out / "synth" / "llm_trsr_hierarchical_metrics.json").exists()
+        proc = run_stage("baselines/llm_trsr.py", *args)
+        assert ("resuming from" in proc.stdout) == (name == "killed") and not checkpoint.exists()
+        results[name] = json.loads((out / "synth" / "llm_trsr_hierarchical_metrics.json").read_text())["metrics"]
+    assert results["killed"] == results["whole"]
 
 
 def test_training_pairs_answer_yes_for_the_next_item_and_no_for_an_unseen_one():
