@@ -49,6 +49,23 @@ def kill_when_checkpointed(script, args, checkpoint, timeout=300):
     proc.wait()
 
 
+def baseline_whole_and_resumed(pipeline, tmp_path, script, args, name):
+    """Run a baseline script (`args` after --data/--out) once whole, and once killed when its first epoch
+    checkpoint (out/synth/<name>.ckpt.pt) exists and then run again; returns the two runs' metrics."""
+    results = {}
+    for run in ("whole", "killed"):
+        out = copy_artifacts(pipeline, tmp_path / run, "dataset.json", "teacher.pt", "student.pt")
+        command = ["--data", "synth", "--out", out, *args]
+        checkpoint, metrics = out / "synth" / f"{name}.ckpt.pt", out / "synth" / f"{name}_metrics.json"
+        if run == "killed":
+            kill_when_checkpointed(script, command, checkpoint)
+            assert not metrics.exists()
+        proc = run_stage(script, *command)
+        assert ("resuming from" in proc.stdout) == (run == "killed") and not checkpoint.exists()
+        results[run] = json.loads(metrics.read_text())["metrics"]
+    return results["whole"], results["killed"]
+
+
 def copy_artifacts(pipeline, out, *names):
     """Copy some of the pipeline's artifacts (and their .meta.json) into OUT/synth, to rerun a stage apart."""
     (out / "synth").mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, copy_artifacts, kill_when_checkpointed, run_stage
+from conftest import ROOT, baseline_whole_and_resumed, copy_artifacts, run_stage
 
 sys.path.insert(0, ROOT + "/baselines")
 import delrec  # noqa: E402
@@ -95,19 +95,9 @@ def test_end_to_end_with_adalora(pipeline, tmp_path, tiny_llm):
 def test_killed_run_resumes_to_the_same_metrics(pipeline, tmp_path, tiny_llm):
     """kill -9 once the first epoch is checkpointed (stage 1 of 2 epochs), then the same command: it resumes after
     that epoch, through stage 2's AdaLoRA, and ends with the uninterrupted run's metrics."""
-    results = {}
-    for name in ("whole", "killed"):
-        out = copy_artifacts(pipeline, tmp_path / name, "dataset.json", "teacher.pt", "student.pt")
-        args = ["--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, *ARGS,
-                "--stage1-epochs", 2, "--stage2-epochs", 2]
-        checkpoint = out / "synth" / "delrec.ckpt.pt"
-        if name == "killed":
-            kill_when_checkpointed("baselines/delrec.py", args, checkpoint)
-            assert not (out / "synth" / "delrec_metrics.json").exists()
-        proc = run_stage("baselines/delrec.py", *args)
-        assert ("resuming from" in proc.stdout) == (name == "killed") and not checkpoint.exists()
-        results[name] = json.loads((out / "synth" / "delrec_metrics.json").read_text())["metrics"]
-    assert results["killed"] == results["whole"]
+    args = ["--device", "cpu", "--llm", tiny_llm, *ARGS, "--stage1-epochs", 2, "--stage2-epochs", 2]
+    whole, resumed = baseline_whole_and_resumed(pipeline, tmp_path, "baselines/delrec.py", args, "delrec")
+    assert resumed == whole
 
 
 def test_items_are_named_by_title_or_id():

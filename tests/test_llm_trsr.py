@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from conftest import ROOT, copy_artifacts, kill_when_checkpointed, run_stage
+from conftest import ROOT, baseline_whole_and_resumed, copy_artifacts, run_stage
 
 sys.path.insert(0, ROOT + "/baselines")
 import llm_trsr  # noqa: E402
@@ -173,18 +173,9 @@ def test_end_to_end(pipeline, tmp_path, tiny_llm, paradigm):
 def test_killed_lora_training_resumes_to_the_same_metrics(pipeline, tmp_path, tiny_llm):
     """kill -9 once the first LoRA epoch is checkpointed, then the same command: it resumes after that epoch and
     ends with the uninterrupted run's metrics."""
-    results = {}
-    for name in ("whole", "killed"):
-        out = copy_artifacts(pipeline, tmp_path / name, "dataset.json", "teacher.pt", "student.pt")
-        args = ["--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, *ARGS, "--epochs", 2]
-        checkpoint = out / "synth" / "llm_trsr_hierarchical.ckpt.pt"
-        if name == "killed":
-            kill_when_checkpointed("baselines/llm_trsr.py", args, checkpoint)
-            assert not (out / "synth" / "llm_trsr_hierarchical_metrics.json").exists()
-        proc = run_stage("baselines/llm_trsr.py", *args)
-        assert ("resuming from" in proc.stdout) == (name == "killed") and not checkpoint.exists()
-        results[name] = json.loads((out / "synth" / "llm_trsr_hierarchical_metrics.json").read_text())["metrics"]
-    assert results["killed"] == results["whole"]
+    args = ["--device", "cpu", "--llm", tiny_llm, *ARGS, "--epochs", 2]
+    whole, resumed = baseline_whole_and_resumed(pipeline, tmp_path, "baselines/llm_trsr.py", args, "llm_trsr_hierarchical")
+    assert resumed == whole
 
 
 def test_training_pairs_answer_yes_for_the_next_item_and_no_for_an_unseen_one():
