@@ -79,8 +79,8 @@ def parse_args():
     check_positive(args, "epochs", "patience", "batch_size", "lr", "maxlen", "dim", "blocks", "heads", "align_weight")
     args.models, args.variants, args.loss = args.models.split(","), args.variants.split(","), args.loss.split(",")
     for option, given, known in (("--models", args.models, ("sasrec", "gru4rec")), ("--loss", args.loss, LOSSES),
-                                 ("--variants", [v.split("+")[0] for v in args.variants], VARIANTS),
-                                 ("--variants fusion", [fusion(v, args) for v in args.variants], FUSIONS)):
+                                 ("--variants", [variant_parts(v, args)[0] for v in args.variants], VARIANTS),
+                                 ("--variants fusion", [variant_parts(v, args)[1] for v in args.variants], FUSIONS)):
         unknown = [name for name in given if name not in known]
         if unknown:
             raise UserError(f"unknown {option} entry {unknown[0]}: choose from {', '.join(known)}")
@@ -123,9 +123,10 @@ class GRU4Rec(nn.Module):
         return torch.stack(states, 1)
 
 
-def fusion(variant, args):
-    """'text+align' -> 'align'; a variant without '+' takes --fuse."""
-    return variant.split("+", 1)[1] if "+" in variant else args.fuse
+def variant_parts(variant, args):
+    """'text+align' -> ('text', 'align'); a variant without '+' takes --fuse: 'text' -> ('text', args.fuse)."""
+    name, _, fuse = variant.partition("+")
+    return name, fuse or args.fuse
 
 
 def build_model(name, num_items, args, features, fuse):
@@ -140,7 +141,7 @@ def build_model(name, num_items, args, features, fuse):
 
 def variant_features(args, data, out):
     """{variant (without its fusion): llm_features(...) or None (vanilla)}, after checking that every input is current."""
-    variants = {v.split("+")[0] for v in args.variants}
+    variants = {variant_parts(v, args)[0] for v in args.variants}
     features = {"vanilla": None}
     for variant in variants & EMBEDDINGS.keys():
         features[variant] = llm_features(current_embeddings(args, data, out, *EMBEDDINGS[variant]), args.dim)
@@ -189,8 +190,8 @@ def build_runs(args, data, features):
             for seed in args.seeds:
                 for variant in args.variants:
                     seed_everything(seed)  # the same initial weights for every variant and loss of a seed, item fusion aside
-                    model = build_model(model_name, data["num_items"], args, features[variant.split("+")[0]],
-                                        fusion(variant, args))
+                    name, fuse = variant_parts(variant, args)
+                    model = build_model(model_name, data["num_items"], args, features[name], fuse)
                     runs.append({"loss": loss, "model_name": model_name, "variant": variant, "seed": seed, "model": model})
     return runs
 
