@@ -1030,6 +1030,14 @@ def sasrec_scores(model, history, cands):
     return (model(seq)[0, -1] @ model.item_table()[torch.tensor(cands)].T)
 
 
+def reference_scores(system, history, cands):
+    """Scores of `cands` by one of the baselines' reference rows: a SASRec (the teacher or the P2Rec student)
+    reading `history`, or one score per item (popularity_scores)."""
+    if isinstance(system, torch.Tensor):
+        return system[cands]
+    return sasrec_scores(system, history, cands)
+
+
 # ----------------------------------------------------------------------------- the LLM
 
 def resolve_llm_path(llm):

@@ -34,8 +34,8 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (UserError, add_common_args, candidate_rank, candidate_set, check_positive,  # noqa: E402
                     expected_at_random, llm_fingerprint, load_checkpoint, load_dataset, load_llm,
-                    load_teacher_and_student, pick_device, popularity_scores, random_unseen, run_main, run_settings,
-                    sasrec_scores, save_atomic, save_checkpoint, seed_everything, split_user, stage_dir)
+                    load_teacher_and_student, pick_device, popularity_scores, random_unseen, reference_scores, run_main,
+                    run_settings, sasrec_scores, save_atomic, save_checkpoint, seed_everything, split_user, stage_dir)
 
 KS = (1, 5, 10)
 
@@ -273,10 +273,8 @@ def test_systems(systems, model, prompts, seqs, test_users, num_items, args, dev
                 continue
             if m is model:
                 scores = model.score(prompts.ranking(history, cands), [prompts.name_ids(c) for c in cands], device)
-            elif isinstance(m, torch.Tensor):  # the popularity floor
-                scores = m[cands]
             else:
-                scores = sasrec_scores(m, history, cands)
+                scores = reference_scores(m, history, cands)
             totals[name].update(rank_metrics(candidate_rank(scores, cands.index(target))))
     result = {name: {k: v / len(test_users) for k, v in t.items()} for name, t in totals.items()}
     return {**result, "random (expected)": expected_at_random(rank_metrics, args.candidates)}

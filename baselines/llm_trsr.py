@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (UserError, add_common_args, candidate_rank, candidate_set, check_positive,  # noqa: E402
                     expected_at_random, llm_fingerprint, load_checkpoint, load_dataset, load_llm,
                     load_teacher_and_student, matmul_dtype, pick_device, popularity_scores, random_unseen, run_main,
-                    run_settings, sasrec_scores, save_atomic, save_checkpoint, seed_everything, split_user, stage_dir)
+                    reference_scores, run_settings, save_atomic, save_checkpoint, seed_everything, split_user, stage_dir)
 
 KS = (3, 5, 10)
 PARADIGMS = ("hierarchical", "recurrent")
@@ -313,10 +313,8 @@ def test_systems(systems, llm, texts, answers, seqs, test_users, histories, summ
             if m is llm:
                 scores = yes_probability(llm, texts.user_ids(summary, history[-args.recent:]),
                                          [texts.candidate_ids(c) for c in cands], list(answers.values()), device)
-            elif isinstance(m, torch.Tensor):  # the popularity floor
-                scores = m[cands]
             else:
-                scores = sasrec_scores(m, history, cands)
+                scores = reference_scores(m, history, cands)
             totals[name].update(ranking_metrics(candidate_rank(scores, cands.index(seqs[u][-1]))))  # ties count against it
     result = {name: {k: v / len(test_users) for k, v in t.items()} for name, t in totals.items()}
     return {**result, "random (expected)": expected_at_random(ranking_metrics, args.candidates)}
