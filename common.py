@@ -19,6 +19,7 @@ import os
 import pickle
 import random
 import shutil
+import statistics
 import sys
 import time
 import warnings
@@ -291,6 +292,17 @@ def check_positive(args, *names):
     for name in names:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+
+
+def check_nonnegative(args, *names):
+    for name in names:
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 (all) or more, got {getattr(args, name)}")
+
+
+def pick_users(n_users, wanted, rng):
+    """`wanted` users drawn at random, in order (0 or more than there are: all of them)."""
+    return list(range(n_users)) if wanted == 0 or wanted >= n_users else sorted(rng.sample(range(n_users), wanted))
 
 
 # ----------------------------------------------------------------------------- data
@@ -1001,6 +1013,90 @@ def candidate_rank(scores, target_index):
     """0-based rank of the target among the candidates' scores; ties count against the target, so a
     model that scores everything alike ranks it last, not first."""
     return int((scores >= scores[target_index]).sum()) - 1
+
+
+def add_scale_args(parser):
+    parser.add_argument("--scale", choices=("auto", "small", "full"), default="auto",
+                        help="defaults of the options marked 'small | full': small on a CPU (tests, a smoke run), full on a "
+                             "GPU (every training user and its last prefixes, early stopping on validation); auto picks "
+                             "by --device")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="one run per seed; the tables give mean ± std")
+
+
+def scaled(defaults, name, text):
+    """Help text of an option whose default depends on --scale."""
+    small, full = defaults[name]
+    return f"{text} (small {small} | full {full})"
+
+
+def fill_scale_defaults(args, device, defaults):
+    """Every option left unset (None) takes its `small` default on a CPU and its `full` one on a GPU (--scale auto)."""
+    if args.scale == "auto":
+        args.scale = "full" if device.type == "cuda" else "small"
+    for name, (small, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if args.scale == "small" else full)
+
+
+def train_prefixes(seq, prefixes, shortest):
+    """The user's training prefixes that end at the last `prefixes` items of the train split (0: all of them),
+    longest first, each at least `shortest` items long: each one's last item is a training target."""
+    train_part = split_user(seq)[0]
+    lengths = list(range(len(train_part), shortest - 1, -1))
+    return [train_part[:n] for n in (lengths[:prefixes] if prefixes else lengths)]
+
+
+def ranking_cases(seqs, users, num_items, size, rng, split):
+    """(user, history, target, candidates) per user: split 'valid' ranks the second last item after the items
+    before it, 'test' the last; the candidates are the target and size-1 items the user never interacted with."""
+    cut = {"valid": -2, "test": -1}[split]
+    cases = []
+    for u in users:
+        history, target = seqs[u][:cut], seqs[u][cut]
+        cases.append((u, history, target, candidate_set(set(seqs[u]), target, num_items, size, rng)))
+    return cases
+
+
+class EarlyStopping:
+    """The best validation score so far, its epoch and its weights (CPU copies); `stop` once `patience` epochs
+    have passed without a better one. Its state goes into the epoch checkpoints."""
+
+    def __init__(self, patience, state=None):
+        self.patience = patience
+        self.scores, self.best_epoch, self.best_params = [], 0, None
+        if state:
+            self.scores, self.best_epoch, self.best_params = state["scores"], state["best_epoch"], state["best_params"]
+
+    def update(self, score, params):
+        self.scores.append(score)
+        if self.best_epoch == 0 or score > self.scores[self.best_epoch - 1]:
+            self.best_epoch, self.best_params = len(self.scores), [p.detach().cpu().clone() for p in params]
+
+    def stop(self):
+        return len(self.scores) - self.best_epoch >= self.patience
+
+    def restore_best(self, params):
+        with torch.no_grad():
+            for param, best in zip(params, self.best_params):
+                param.copy_(best)
+
+    def state(self):
+        return {"scores": self.scores, "best_epoch": self.best_epoch, "best_params": self.best_params}
+
+
+def seeds_mean_std(per_seed):
+    """{seed: {system: {metric: value}}} -> (mean, std) over the seeds, each {system: {metric: value}}; the std is
+    the sample standard deviation (0 for one seed)."""
+    runs = list(per_seed.values())
+    mean = {s: {k: statistics.mean(r[s][k] for r in runs) for k in m} for s, m in runs[0].items()}
+    std = {s: {k: statistics.stdev(r[s][k] for r in runs) if len(runs) > 1 else 0.0 for k in m} for s, m in runs[0].items()}
+    return mean, std
+
+
+def print_seeds_table(mean, std, seeds, candidates, users):
+    print(f"{candidates} candidates per test user, {users} users, mean ± std over seeds {' '.join(map(str, seeds))}")
+    for name, m in mean.items():
+        print(f"  {name:28s} " + " ".join(f"{k} {v:.4f} ± {std[name][k]:.4f}" for k, v in m.items()))
 
 
 def load_sasrec(path, num_items):

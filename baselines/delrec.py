@@ -5,7 +5,8 @@ the LLM with AdaLoRA to name the next item among 20 candidates.
 
 Reads  out/<dataset>/dataset.json (01_prepare.py), teacher.pt (02_teacher.py), student.pt (05_student.py,
        optional: the P2Rec student is scored on the same candidates)
-Writes out/<dataset>/delrec_soft_prompt.pt, out/<dataset>/delrec_metrics.json
+Writes out/<dataset>/delrec_soft_prompt.pt (the first seed's), out/<dataset>/delrec_metrics.json (mean, std and
+       every seed's metrics)
 
 $ python baselines/delrec.py --data ml-100k
 
@@ -17,13 +18,19 @@ Stage 2: the soft prompt is frozen, AdaLoRA adapts the LLM to name the true next
 Scoring: the mean log-likelihood of each candidate's name after the prompt, so every candidate gets a
 score. Items are named by title where the data has them (ml-100k), else "item <id>" (Beauty).
 `--no-stage1` is the paper's ablation: stage 2 with no distilled prompt.
-Interrupted? The same command resumes after the last whole epoch of either stage (out/<dataset>/delrec.ckpt.pt).
+Two scales (--scale): on a CPU, small defaults (300 training users, their last training item, one epoch per
+stage) keep the tests and a smoke run quick; on a GPU, full ones: every user and the last 5 prefixes of its train
+split, stage 2 stopping once validation NDCG@10 (each user's second last item among 20 candidates) has not
+improved for 2 epochs, keeping its best epoch. --seeds 42 43 44 runs each seed and reports mean ± std.
+Interrupted? The same command resumes after the last whole epoch of either stage, skipping finished seeds
+(out/<dataset>/delrec.ckpt.pt).
 """
 import argparse
 import math
 import os
 import random
 import sys
+import time
 from collections import Counter
 
 import torch
@@ -32,10 +39,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (UserError, add_common_args, candidate_rank, candidate_set, check_positive,  # noqa: E402
-                    expected_at_random, llm_fingerprint, load_checkpoint, load_dataset, load_llm,
-                    load_teacher_and_student, pick_device, popularity_scores, random_unseen, reference_scores, run_main,
-                    run_settings, sasrec_scores, save_atomic, save_checkpoint, seed_everything, split_user, stage_dir)
+from common import (EarlyStopping, UserError, add_common_args, add_scale_args, candidate_rank,  # noqa: E402
+                    candidate_set, check_nonnegative, check_positive, expected_at_random, fill_scale_defaults,
+                    llm_fingerprint, load_dataset, load_llm, load_teacher_and_student, matching_checkpoint, pick_device,
+                    pick_users, popularity_scores, print_seeds_table, random_unseen, ranking_cases, reference_scores,
+                    run_main, run_settings, sasrec_scores, save_atomic, save_checkpoint, scaled, seed_everything,
+                    seeds_mean_std, set_rng_state, stage_dir, train_prefixes)
 
 KS = (1, 5, 10)
 
@@ -152,39 +161,51 @@ def allocator_state(model, allocator):
             "rank_pattern": model.llm.peft_config["default"].rank_pattern}
 
 
-def resume_stage(stage, epochs, model, params, opt, allocator, saved):
-    """(epochs done, last loss) of `stage` in what an interrupted run left, with its weights restored, and, when it
-    stopped inside this stage, the optimiser and AdaLoRA's allocator too."""
+def resume_stage(stage, epochs, model, params, opt, allocator, saved, patience):
+    """(epochs done, last loss, early stopping) of `stage` in what an interrupted run left, with its weights restored,
+    and, when it stopped inside this stage, the optimiser and AdaLoRA's allocator too."""
     if saved is None or saved["stage"] < stage:
-        return 0, None
+        return 0, None, EarlyStopping(patience)
     with torch.no_grad():
         for param, value in zip(params, saved["params"][stage]):
             param.copy_(value)
     if saved["stage"] > stage:  # this stage was finished
-        return epochs, saved["stage_losses"][stage]
+        return epochs, saved["stage_losses"][stage], EarlyStopping(patience)
     opt.load_state_dict(saved["optimizer"])
     if allocator is not None:
         for name in ALLOCATOR_STATE:
             setattr(allocator, name, saved["allocator"][name])
         model.llm.peft_config["default"].rank_pattern = saved["allocator"]["rank_pattern"]
-    return saved["epoch"], saved["loss"]
+    return saved["epoch"], saved["loss"], EarlyStopping(patience, saved["early"])
 
 
-def train_stage(stage, model, params, batches, epochs, args, device, progress, allocator=None):
-    """`epochs` passes over `batches`, each ending in a checkpoint (`progress`: its path, settings, and what an
+def train_stage(stage, model, params, batches, epochs, args, device, progress, allocator=None, validate=None):
+    """Up to `epochs` passes over `batches`, each ending in a checkpoint (`progress`: its path, settings, and what an
     interrupted run left), so that after Ctrl-C or kill -9 the same command resumes after the last whole epoch.
-    `allocator`: AdaLoRA's rank allocator (stage 2), whose state is saved along."""
+    `allocator`: AdaLoRA's rank allocator (stage 2), whose state is saved along. `validate`: a score per epoch;
+    the stage then stops once it has not improved for --patience epochs and keeps its best epoch's weights.
+    Returns the last loss and the early stopping record."""
     opt = torch.optim.AdamW(params, lr=args.lr)
-    done, loss = resume_stage(stage, epochs, model, params, opt, allocator, progress["resumed"])
+    done, loss, early = resume_stage(stage, epochs, model, params, opt, allocator, progress["resumed"], args.patience)
     hook = (lambda step: model.llm.base_model.update_and_allocate(step)) if allocator is not None else None
     for epoch in range(done, epochs):
+        if validate and early.stop():
+            break
+        start = time.time()
         loss = train_epoch(model, opt, batches, device, f"stage {stage}, epoch {epoch + 1}", epoch * len(batches), hook)
+        if validate:
+            early.update(validate(), params)
+        print(f"seed {progress['seed']}, stage {stage}, epoch {epoch + 1}: last loss {loss:.3f}"
+              + (f", validation NDCG@10 {early.scores[-1]:.4f}" if validate else "") + f" ({time.time() - start:.0f} s)")
         progress["params"][stage] = [p.detach().cpu().clone() for p in params]
         progress["stage_losses"][stage] = loss
         save_checkpoint(progress["path"], progress["settings"], epoch + 1, [], stage=stage, loss=loss,
                         params=progress["params"], stage_losses=progress["stage_losses"], optimizer=opt.state_dict(),
-                        allocator=allocator_state(model, allocator))
-    return loss
+                        allocator=allocator_state(model, allocator), early=early.state(), seed=progress["seed"],
+                        finished=progress["finished"])
+    if validate and early.best_params is not None:
+        early.restore_best(params)
+    return loss, early
 
 
 def add_adalora(model, total_step):
@@ -207,67 +228,76 @@ def rank_metrics(rank):
     return out
 
 
+# Options whose default depends on --scale: (small, for a CPU: the tests and a smoke run | full, for a GPU)
+SCALES = {"train_users": (300, 0), "prefixes": (1, 5), "stage2_epochs": (1, 8), "patience": (1, 2),
+          "batch_size": (8, 32), "valid_users": (50, 500)}
+
+
 def parse_args():
+    """The arguments, with the --scale defaults filled in for the device; returns them and the device."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, llm=True)
+    add_common_args(parser, seed=False, llm=True)
+    add_scale_args(parser)
     parser.add_argument("--virtual-tokens", type=int, default=20, help="soft prompt length (the paper: 100)")
     parser.add_argument("--candidates", type=int, default=20, help="items ranked per test case")
     parser.add_argument("--max-history", type=int, default=10, help="most recent items in a prompt")
-    parser.add_argument("--train-users", type=int, default=300,
-                        help="users whose train split makes the training samples")
+    parser.add_argument("--train-users", type=int, help=scaled(SCALES, "train_users", "users whose train split makes "
+                                                               "the training samples (0: all)"))
+    parser.add_argument("--prefixes", type=int, help=scaled(SCALES, "prefixes", "samples per training user and task: "
+                        "the prefixes of its train split that end at its last this many items (0: all)"))
+    parser.add_argument("--valid-users", type=int, help=scaled(SCALES, "valid_users", "users whose validation item "
+                        "(their second last) picks stage 2's best epoch (0: all)"))
     parser.add_argument("--test-users", type=int, default=0, help="users scored (0: all)")
     parser.add_argument("--stage1-epochs", type=int, default=1, help="passes of pattern distillation")
-    parser.add_argument("--stage2-epochs", type=int, default=1, help="passes of AdaLoRA fine-tuning")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per step")
+    parser.add_argument("--stage2-epochs", type=int, help=scaled(SCALES, "stage2_epochs", "epoch ceiling of the "
+                        "AdaLoRA fine-tuning, which stops once validation NDCG@10 has not improved for --patience "
+                        "epochs and keeps its best epoch"))
+    parser.add_argument("--patience", type=int, help=scaled(SCALES, "patience", "stage 2 epochs without a better "
+                                                            "validation NDCG@10 before it stops"))
+    parser.add_argument("--batch-size", type=int, help=scaled(SCALES, "batch_size", "samples per step"))
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--no-stage1", action="store_true", help="ablation: stage 2 without a distilled soft prompt")
     args = parser.parse_args()
-    check_positive(args, "virtual_tokens", "max_history", "train_users", "stage1_epochs", "stage2_epochs",
-                   "batch_size", "lr")
-    if args.test_users < 0:
-        raise UserError(f"--test-users must be 0 (all) or more, got {args.test_users}")
+    device = pick_device(args.device)
+    fill_scale_defaults(args, device, SCALES)
+    check_positive(args, "virtual_tokens", "max_history", "stage1_epochs", "stage2_epochs", "patience", "batch_size",
+                   "lr")
+    check_nonnegative(args, "train_users", "prefixes", "valid_users", "test_users")
     if args.candidates < 11:
         raise UserError(f"--candidates must be at least 11 (the teacher's top-10 and one more), got {args.candidates}")
-    return args
+    return args, device
 
 
-def stage1_samples(seqs, users, prompts, teacher, num_items, candidates, rng):
+def stage1_samples(seqs, users, prompts, teacher, num_items, candidates, prefixes, rng):
     """Temporal Analysis (name the item in a gap) and Recommendation Pattern Simulating (name the teacher's
-    top-1 among its top-10 and random unseen items), one of each per training user."""
+    top-1 among its top-10 and random unseen items), one of each per training prefix."""
     temporal, simulated = [], []
     for u in users:
-        train_part = split_user(seqs[u])[0]
-        if len(train_part) < 3:
-            continue
-        temporal.append((prompts.temporal(train_part[:-2], train_part[-1]), prompts.name_ids(train_part[-2])))
-        scores = sasrec_scores(teacher, train_part, list(range(num_items + 1)))
-        scores[0] = float("-inf")
-        top = scores.topk(10).indices.tolist()  # the teacher's top-10; its top-1 is the answer
-        cands = top + random_unseen(set(top) | set(seqs[u]), candidates - 10, num_items, rng)
-        rng.shuffle(cands)
-        simulated.append((prompts.ranking(train_part, cands, "The sequential model recommends"), prompts.name_ids(top[0])))
+        for seen in train_prefixes(seqs[u], prefixes, shortest=3):
+            temporal.append((prompts.temporal(seen[:-2], seen[-1]), prompts.name_ids(seen[-2])))
+            scores = sasrec_scores(teacher, seen, list(range(num_items + 1)))
+            scores[0] = float("-inf")
+            top = scores.topk(10).indices.tolist()  # the teacher's top-10; its top-1 is the answer
+            cands = top + random_unseen(set(top) | set(seqs[u]), candidates - 10, num_items, rng)
+            rng.shuffle(cands)
+            simulated.append((prompts.ranking(seen, cands, "The sequential model recommends"), prompts.name_ids(top[0])))
     return temporal, simulated
 
 
-def stage2_samples(seqs, users, prompts, num_items, candidates, rng):
-    """Name the true next item of a user's train split among `candidates` items."""
+def stage2_samples(seqs, users, prompts, num_items, candidates, prefixes, rng):
+    """Name the last item of each training prefix among `candidates` items."""
     recs = []
     for u in users:
-        train_part = split_user(seqs[u])[0]
-        if len(train_part) < 2:
-            continue
-        cands = candidate_set(set(seqs[u]), train_part[-1], num_items, candidates, rng)
-        recs.append((prompts.ranking(train_part[:-1], cands), prompts.name_ids(train_part[-1])))
+        for seen in train_prefixes(seqs[u], prefixes, shortest=2):
+            cands = candidate_set(set(seqs[u]), seen[-1], num_items, candidates, rng)
+            recs.append((prompts.ranking(seen[:-1], cands), prompts.name_ids(seen[-1])))
     return recs
 
 
-def test_systems(systems, model, prompts, seqs, test_users, num_items, args, device):
-    """Every system ranks the same candidate sets (they depend on the seed only): mean metrics per system."""
+def rank_systems(systems, model, prompts, cases, device, desc):
+    """Mean metrics per system over `cases` (common.ranking_cases): every system ranks the same candidates."""
     totals = {name: Counter() for name, m in systems.items() if m is not None}  # update() adds
-    test_rng = random.Random(args.seed + 1)
-    for u in tqdm(test_users, desc="test", leave=False):
-        history, target = seqs[u][:-1], seqs[u][-1]
-        cands = candidate_set(set(seqs[u]), target, num_items, args.candidates, test_rng)
+    for _, history, target, cands in tqdm(cases, desc=desc, leave=False):
         for name, m in systems.items():
             if m is None:
                 continue
@@ -276,65 +306,91 @@ def test_systems(systems, model, prompts, seqs, test_users, num_items, args, dev
             else:
                 scores = reference_scores(m, history, cands)
             totals[name].update(rank_metrics(candidate_rank(scores, cands.index(target))))
-    result = {name: {k: v / len(test_users) for k, v in t.items()} for name, t in totals.items()}
-    return {**result, "random (expected)": expected_at_random(rank_metrics, args.candidates)}
+    return {name: {k: v / len(cases) for k, v in t.items()} for name, t in totals.items()}
 
 
-def main():
-    args = parse_args()
-    data = load_dataset(args)
-    device = pick_device(args.device)
-    out = stage_dir(args)
-    teacher, student = load_teacher_and_student(args, data["num_items"])
-    meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"]}
-    seed_everything(args.seed)
-    rng = random.Random(args.seed)
-
+def run_seed(seed, args, data, device, references, progress):
+    """One DELRec run: stage 1, stage 2 (early stopping on the validation items), then every system on the test
+    users' candidates (drawn from the seed alone). Returns the metrics per system and stage 2's best epoch."""
+    seed_everything(seed)
+    rng = random.Random(seed)
+    seqs, num_items = data["sequences"], data["num_items"]
     llm, tokenizer = load_llm(args.llm, device, lm_head=True)
     llm.requires_grad_(False)
     prompts = Prompts(tokenizer, data["item_titles"], args.max_history)
     model = SoftPromptLM(llm, 0 if args.no_stage1 else args.virtual_tokens).to(device)
-    seqs = data["sequences"]
-    users = rng.sample(range(len(seqs)), min(args.train_users, len(seqs)))
-
-    name = "delrec_no_stage1" if args.no_stage1 else "delrec"
-    path = os.path.join(out, f"{name}.ckpt.pt")  # every epoch of both stages: a killed run resumes from here
-    settings = run_settings(args, dataset_fingerprint=data["fingerprint"], llm=llm_fingerprint(args.llm))
-    progress = {"path": path, "settings": settings, "resumed": load_checkpoint(path, settings, args.force, []),
-                "params": {}, "stage_losses": {}}
+    users = pick_users(len(seqs), args.train_users, rng)
     if progress["resumed"] is not None:
-        progress["params"], progress["stage_losses"] = progress["resumed"]["params"], progress["resumed"]["stage_losses"]
+        set_rng_state(progress["resumed"]["rng"])
+        print(f"resuming from {progress['path']}: seed {seed}, stage {progress['resumed']['stage']}, "
+              f"epoch {progress['resumed']['epoch']} was done")
 
     if not args.no_stage1:  # stage 1: only the soft prompt learns (its samples are drawn again on resuming, alike)
-        temporal, simulated = stage1_samples(seqs, users, prompts, teacher, data["num_items"], args.candidates, rng)
+        temporal, simulated = stage1_samples(seqs, users, prompts, references["SASRec teacher"], num_items, args.candidates,
+                                             args.prefixes, rng)
         batches = [list(pair) for pair in zip(chunks(temporal, args.batch_size), chunks(simulated, args.batch_size))]
-        loss = train_stage(1, model, [model.soft], batches, args.stage1_epochs, args, device, progress)
-        print(f"stage 1: {len(temporal)} temporal + {len(simulated)} simulating samples, last loss {loss:.3f}")
-        save_atomic({"soft": model.soft.detach().cpu(), "args": vars(args)},
-                    os.path.join(out, "delrec_soft_prompt.pt"), meta)
+        loss, _ = train_stage(1, model, [model.soft], batches, args.stage1_epochs, args, device, progress)
+        print(f"seed {seed}, stage 1: {len(temporal)} temporal + {len(simulated)} simulating samples, last loss {loss:.3f}")
+        if seed == args.seeds[0]:
+            save_atomic({"soft": model.soft.detach().cpu(), "seed": seed, "args": vars(args)},
+                        os.path.join(stage_dir(args), "delrec_soft_prompt.pt"), progress["meta"])
 
     # stage 2: the soft prompt is frozen, AdaLoRA adapts the LLM to name the true next item
     model.soft.requires_grad_(False)
-    recs = stage2_samples(seqs, users, prompts, data["num_items"], args.candidates, rng)
+    recs = stage2_samples(seqs, users, prompts, num_items, args.candidates, args.prefixes, rng)
     batches = [[batch] for batch in chunks(recs, args.batch_size)]
     params, allocator = add_adalora(model, len(batches) * args.stage2_epochs)
-    loss = train_stage(2, model, params, batches, args.stage2_epochs, args, device, progress, allocator)
-    print(f"stage 2: {len(recs)} samples, last loss {loss:.3f}")
+    valid = ranking_cases(seqs, pick_users(len(seqs), args.valid_users, random.Random(seed + 2)), num_items,
+                          args.candidates, random.Random(seed + 3), "valid")
+
+    def validate():
+        model.eval()
+        return rank_systems({"DELRec": model}, model, prompts, valid, device, "validate")["DELRec"]["NDCG@10"]
+
+    loss, early = train_stage(2, model, params, batches, args.stage2_epochs, args, device, progress, allocator, validate)
+    print(f"seed {seed}, stage 2: {len(recs)} samples, last loss {loss:.3f}, best epoch {early.best_epoch} of "
+          f"{len(early.scores)} (validation NDCG@10 {' '.join(f'{v:.4f}' for v in early.scores)})")
 
     model.eval()
-    n_test = args.test_users or len(seqs)
-    test_users = range(len(seqs)) if n_test >= len(seqs) else rng.sample(range(len(seqs)), n_test)
-    systems = {"popularity": popularity_scores(seqs, data["num_items"], args.seed), "SASRec teacher": teacher,
-               "P2Rec student": student, "DELRec": model}
-    result = test_systems(systems, model, prompts, seqs, test_users, data["num_items"], args, device)
-    variant = "DELRec, no stage 1" if args.no_stage1 else "DELRec"
-    result[variant] = result.pop("DELRec")
-    save_atomic({"args": vars(args), "test_users": len(test_users), "metrics": result},
+    test = ranking_cases(seqs, pick_users(len(seqs), args.test_users, random.Random(seed + 4)), num_items,
+                         args.candidates, random.Random(seed + 1), "test")
+    systems = {"popularity": popularity_scores(seqs, num_items, seed), **references, "DELRec": model}
+    result = rank_systems(systems, model, prompts, test, device, "test")
+    result["DELRec, no stage 1" if args.no_stage1 else "DELRec"] = result.pop("DELRec")
+    return {**result, "random (expected)": expected_at_random(rank_metrics, args.candidates)}, early, len(test)
+
+
+def main():
+    args, device = parse_args()
+    data = load_dataset(args)
+    out = stage_dir(args)
+    teacher, student = load_teacher_and_student(args, data["num_items"])
+    name = "delrec_no_stage1" if args.no_stage1 else "delrec"
+    # every epoch of both stages, and every finished seed, is checkpointed: a killed run resumes from here
+    path = os.path.join(out, f"{name}.ckpt.pt")
+    settings = run_settings(args, dataset_fingerprint=data["fingerprint"], llm=llm_fingerprint(args.llm))
+    saved = matching_checkpoint(path, settings, args.force)
+    finished = saved["finished"] if saved else {}
+    meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"]}
+    for seed in args.seeds:
+        if seed in finished:
+            continue
+        resumed = saved if saved and saved["seed"] == seed else None
+        progress = {"path": path, "settings": settings, "resumed": resumed, "seed": seed, "finished": finished,
+                    "params": resumed["params"] if resumed else {}, "meta": meta,
+                    "stage_losses": resumed["stage_losses"] if resumed else {}}
+        metrics, early, n_test = run_seed(seed, args, data, device, {"SASRec teacher": teacher, "P2Rec student": student},
+                                          progress)
+        finished[seed] = {"metrics": metrics, "best_epoch": early.best_epoch, "valid_ndcg10": early.scores,
+                          "test_users": n_test}
+        save_checkpoint(path, settings, 0, [], seed=None, finished=finished)
+
+    mean, std = seeds_mean_std({seed: finished[seed]["metrics"] for seed in args.seeds})
+    save_atomic({"args": vars(args), "test_users": finished[args.seeds[0]]["test_users"], "seeds": args.seeds,
+                 "metrics": mean, "std": std, "per_seed": {seed: finished[seed] for seed in args.seeds}},
                 os.path.join(out, f"{name}_metrics.json"), meta)
     os.remove(path)
-    print(f"{args.candidates} candidates per test user, {len(test_users)} users")
-    for name, m in result.items():
-        print(f"  {name:20s} " + " ".join(f"{k} {v:.4f}" for k, v in m.items()))
+    print_seeds_table(mean, std, args.seeds, args.candidates, finished[args.seeds[0]]["test_users"])
 
 
 if __name__ == "__main__":

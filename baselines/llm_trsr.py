@@ -30,6 +30,7 @@ import json
 import os
 import random
 import sys
+import time
 from collections import Counter
 
 import torch
@@ -37,10 +38,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (UserError, add_common_args, candidate_rank, candidate_set, check_positive,  # noqa: E402
-                    expected_at_random, llm_fingerprint, load_checkpoint, load_dataset, load_llm,
-                    load_teacher_and_student, matmul_dtype, pick_device, popularity_scores, random_unseen, run_main,
-                    reference_scores, run_settings, save_atomic, save_checkpoint, seed_everything, split_user, stage_dir)
+from common import (EarlyStopping, UserError, add_common_args, add_scale_args, candidate_rank,  # noqa: E402
+                    check_nonnegative, check_positive, expected_at_random, fill_scale_defaults, llm_fingerprint,
+                    load_dataset, load_llm, load_teacher_and_student, matching_checkpoint, matmul_dtype, pick_device,
+                    pick_users, popularity_scores, print_seeds_table, random_unseen, ranking_cases, reference_scores,
+                    run_main, run_settings, save_atomic, save_checkpoint, scaled, seed_everything, seeds_mean_std,
+                    set_rng_state, stage_dir, train_prefixes)
 
 KS = (3, 5, 10)
 PARADIGMS = ("hierarchical", "recurrent")
@@ -221,22 +224,27 @@ def yes_probability(llm, prefix, rests, answers, device):
     return logits.softmax(-1)[:, 0].cpu()
 
 
-def train(llm, params, samples, answers, args, device, checkpoint, settings):
-    """AdamW on the cross-entropy of the answer token ("Yes" or "No") after each prompt, over the vocabulary.
-    Every epoch ends in `checkpoint`: after Ctrl-C or kill -9 the same command resumes after the last whole epoch."""
+def train(llm, params, samples, answers, args, device, progress, validate):
+    """AdamW on the cross-entropy of the answer token ("Yes" or "No") after each prompt, over the vocabulary, for
+    up to --epochs epochs; stops once `validate()` has not improved for --patience epochs and keeps the best epoch.
+    Every epoch ends in a checkpoint (`progress`): after Ctrl-C or kill -9 the same command resumes after the last
+    whole epoch. Returns the last loss and the early stopping record."""
     opt = torch.optim.AdamW(params, lr=args.lr)
-    start, loss = 0, None
-    resumed = load_checkpoint(checkpoint, settings, args.force, [])
+    start, loss, early = 0, None, EarlyStopping(args.patience)
+    resumed = progress["resumed"]
     if resumed is not None:
         with torch.no_grad():
             for param, saved in zip(params, resumed["params"]):
                 param.copy_(saved)
         opt.load_state_dict(resumed["optimizer"])
-        start, loss = resumed["epoch"], resumed["loss"]
-    llm.train()
+        start, loss, early = resumed["epoch"], resumed["loss"], EarlyStopping(args.patience, resumed["early"])
     for epoch in range(start, args.epochs):
+        if early.stop():
+            break
+        llm.train()
+        start = time.time()
         order = list(samples)
-        random.Random(args.seed + epoch).shuffle(order)
+        random.Random(progress["seed"] + epoch).shuffle(order)
         batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
         for batch in tqdm(batches, desc=f"LoRA epoch {epoch + 1}", leave=False):
             targets = torch.tensor([answers[label] for _, label in batch], device=device)
@@ -245,19 +253,26 @@ def train(llm, params, samples, answers, args, device, checkpoint, settings):
             step_loss.backward()
             opt.step()
         loss = step_loss.item()
-        save_checkpoint(checkpoint, settings, epoch + 1, [], params=[p.detach().cpu() for p in params],
-                        optimizer=opt.state_dict(), loss=loss)
+        llm.eval()
+        early.update(validate(), params)
+        print(f"seed {progress['seed']}, LoRA epoch {epoch + 1}: last loss {loss:.3f}, validation MRR@10 "
+              f"{early.scores[-1]:.4f} ({time.time() - start:.0f} s)")
+        save_checkpoint(progress["path"], progress["settings"], epoch + 1, [], params=[p.detach().cpu() for p in params],
+                        optimizer=opt.state_dict(), loss=loss, early=early.state(), seed=progress["seed"],
+                        finished=progress["finished"])
     llm.eval()
-    return loss
+    early.restore_best(params)
+    return loss, early
 
 
-def training_pairs(seqs, users, num_items, rng):
-    """(user, item, answer): each user's last train item with "Yes", one random item the user never
-    interacted with (in any split) with "No"."""
+def training_pairs(seqs, users, prefixes, num_items, rng):
+    """(user, history, item, answer) per training prefix (common.train_prefixes): its last item with "Yes" after
+    the items before it, and one random item the user never interacted with (in any split) with "No"."""
     pairs = []
     for u in users:
-        negative = random_unseen(set(seqs[u]), 1, num_items, rng)[0]
-        pairs += [(u, split_user(seqs[u])[0][-1], "Yes"), (u, negative, "No")]
+        for seen in train_prefixes(seqs[u], prefixes, shortest=2):
+            negative = random_unseen(set(seqs[u]), 1, num_items, rng)[0]
+            pairs += [(u, seen[:-1], seen[-1], "Yes"), (u, seen[:-1], negative, "No")]
     return pairs
 
 
@@ -270,43 +285,53 @@ def ranking_metrics(rank):
 
 # ----------------------------------------------------------------------------- main
 
+# Options whose default depends on --scale: (small, for a CPU: the tests and a smoke run | full, for a GPU)
+SCALES = {"train_users": (200, 0), "prefixes": (1, 5), "test_users": (200, 0), "valid_users": (50, 500),
+          "epochs": (1, 8), "patience": (1, 2), "batch_size": (8, 32), "generate_batch": (32, 256)}
+
+
 def parse_args():
+    """The arguments, with the --scale defaults filled in for the device; returns them and the device."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, llm=True)
+    add_common_args(parser, seed=False, llm=True)
+    add_scale_args(parser)
     parser.add_argument("--paradigm", default="hierarchical", choices=PARADIGMS, help="how blocks are summarised")
     parser.add_argument("--block-size", type=int, default=5, help="items per block")
     parser.add_argument("--max-blocks", type=int, default=5, help="the last this many blocks are summarised")
     parser.add_argument("--summary-tokens", type=int, default=32, help="new tokens per generated summary (cap)")
-    parser.add_argument("--generate-batch", type=int, default=32, help="prompts per generation batch")
+    parser.add_argument("--generate-batch", type=int, help=scaled(SCALES, "generate_batch", "prompts per generation batch"))
     parser.add_argument("--recent", type=int, default=5, help="most recent items listed beside the summary")
     parser.add_argument("--candidates", type=int, default=21, help="items ranked per test user (the paper: 21)")
-    parser.add_argument("--train-users", type=int, default=200, help="users whose train split gives the LoRA samples (0: all)")
-    parser.add_argument("--test-users", type=int, default=200, help="users scored (0: all)")
-    parser.add_argument("--epochs", type=int, default=1, help="LoRA passes over the samples")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per LoRA step")
+    parser.add_argument("--train-users", type=int, help=scaled(SCALES, "train_users", "users whose train split gives "
+                                                               "the LoRA samples (0: all)"))
+    parser.add_argument("--prefixes", type=int, help=scaled(SCALES, "prefixes", "samples per training user: the "
+                        "prefixes of its train split that end at its last this many items (0: all), 1:1 Yes and No"))
+    parser.add_argument("--valid-users", type=int, help=scaled(SCALES, "valid_users", "users whose validation item "
+                        "(their second last) picks the best epoch (0: all)"))
+    parser.add_argument("--test-users", type=int, help=scaled(SCALES, "test_users", "users scored (0: all)"))
+    parser.add_argument("--epochs", type=int, help=scaled(SCALES, "epochs", "epoch ceiling of the LoRA, which stops "
+                        "once validation MRR@10 has not improved for --patience epochs and keeps its best epoch"))
+    parser.add_argument("--patience", type=int, help=scaled(SCALES, "patience", "epochs without a better validation "
+                                                            "MRR@10 before the LoRA stops"))
+    parser.add_argument("--batch-size", type=int, help=scaled(SCALES, "batch_size", "samples per LoRA step"))
     parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
     args = parser.parse_args()
+    device = pick_device(args.device)
+    fill_scale_defaults(args, device, SCALES)
     check_positive(args, "block_size", "max_blocks", "summary_tokens", "generate_batch", "recent", "epochs",
-                   "batch_size", "lr")
-    for name in ("train_users", "test_users"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be 0 (all) or more, got {getattr(args, name)}")
+                   "patience", "batch_size", "lr")
+    check_nonnegative(args, "train_users", "prefixes", "valid_users", "test_users")
     if args.candidates < max(KS) + 1:
         raise UserError(f"--candidates must be at least {max(KS) + 1} so that @{max(KS)} means something, "
                         f"got {args.candidates}")
-    return args
+    return args, device
 
 
-def pick_users(n_users, wanted, rng):
-    return list(range(n_users)) if wanted == 0 or wanted >= n_users else sorted(rng.sample(range(n_users), wanted))
-
-
-def test_systems(systems, llm, texts, answers, seqs, test_users, histories, summaries, num_items, args, device):
-    """Mean metrics per system over the test users; the candidate sets depend on the seed only."""
+def rank_systems(systems, llm, texts, answers, cases, summaries, args, device, desc):
+    """Mean metrics per system over `cases` (common.ranking_cases) and their histories' summaries: every system
+    ranks the same candidates."""
     totals = {name: Counter() for name, m in systems.items() if m is not None}  # update() adds
-    test_rng = random.Random(args.seed + 2)
-    for u, history, summary in tqdm(list(zip(test_users, histories, summaries)), desc="test", leave=False):
-        cands = candidate_set(set(seqs[u]), seqs[u][-1], num_items, args.candidates, test_rng)
+    for (_, history, target, cands), summary in tqdm(list(zip(cases, summaries)), desc=desc, leave=False):
         for name, m in systems.items():
             if m is None:
                 continue
@@ -315,22 +340,21 @@ def test_systems(systems, llm, texts, answers, seqs, test_users, histories, summ
                                          [texts.candidate_ids(c) for c in cands], list(answers.values()), device)
             else:
                 scores = reference_scores(m, history, cands)
-            totals[name].update(ranking_metrics(candidate_rank(scores, cands.index(seqs[u][-1]))))  # ties count against it
-    result = {name: {k: v / len(test_users) for k, v in t.items()} for name, t in totals.items()}
-    return {**result, "random (expected)": expected_at_random(ranking_metrics, args.candidates)}
+            totals[name].update(ranking_metrics(candidate_rank(scores, cands.index(target))))  # ties count against it
+    return {name: {k: v / len(cases) for k, v in t.items()} for name, t in totals.items()}
 
 
-def main():
-    args = parse_args()
-    data = load_dataset(args)
-    device = pick_device(args.device)
-    out = stage_dir(args)
-    teacher, student = load_teacher_and_student(args, data["num_items"])
-    seed_everything(args.seed)
-    rng = random.Random(args.seed)
-    seqs = data["sequences"]
-    train_users = [u for u in pick_users(len(seqs), args.train_users, rng) if len(split_user(seqs[u])[0]) >= 2]
-    test_users = pick_users(len(seqs), args.test_users, random.Random(args.seed + 1))
+def run_seed(seed, args, data, device, references, progress):
+    """One LLM-TRSR run: summaries (from the cache where it has them), the LoRA (early stopping on the validation
+    items), then every system on the test users' candidates (drawn from the seed alone)."""
+    seed_everything(seed)
+    rng = random.Random(seed)
+    seqs, num_items, out = data["sequences"], data["num_items"], stage_dir(args)
+    pairs = training_pairs(seqs, pick_users(len(seqs), args.train_users, rng), args.prefixes, num_items, rng)
+    valid = ranking_cases(seqs, pick_users(len(seqs), args.valid_users, random.Random(seed + 3)), num_items,
+                          args.candidates, random.Random(seed + 4), "valid")
+    test = ranking_cases(seqs, pick_users(len(seqs), args.test_users, random.Random(seed + 1)), num_items,
+                         args.candidates, random.Random(seed + 2), "test")
 
     # bf16 where matmuls run natively in it: generation and LoRA both run twice as fast on such a CPU
     llm, tokenizer = load_llm(args.llm, device, lm_head=True)
@@ -338,42 +362,68 @@ def main():
     texts = Texts(tokenizer, data["item_titles"], data["item_groups"] if data["item_titles"] else None)
     answers = dict(zip(("Yes", "No"), texts.answer_ids()))
 
-    # 1. summaries of every history the recommender reads: the training cut (the train split without its
-    # last item, which is the answer) and the test cut (everything before the test item)
+    # 1. summaries of every history the recommender reads (a training pair's: the items before its prefix's last)
     settings = {"llm": llm_fingerprint(args.llm), "summary_tokens": args.summary_tokens,
                 "dataset_fingerprint": data["fingerprint"], "prompts": [texts.block([]), texts.merge([]),
                                                                          texts.update("", [])]}
     summarizer = Summarizer(llm, texts, args, device, os.path.join(out, "llm_trsr_summaries.json"), settings)
-    train_histories = [split_user(seqs[u])[0][:-1] for u in train_users]
-    test_histories = [seqs[u][:-1] for u in test_users]
     summarise = getattr(summarizer, args.paradigm)
-    train_summaries, test_summaries = summarise(train_histories), summarise(test_histories)
-    print(f"summaries ({args.paradigm}): {summarizer.generated} generated, {len(summarizer.cache)} in the cache; "
-          f"a test user's: {test_summaries[0]!r}")
+    train_summaries = summarise([history for _, history, _, _ in pairs])
+    valid_summaries, test_summaries = summarise([c[1] for c in valid]), summarise([c[1] for c in test])
+    print(f"seed {seed}, summaries ({args.paradigm}): {summarizer.generated} generated, {len(summarizer.cache)} in the "
+          f"cache; a test user's: {test_summaries[0]!r}")
 
     # 2. LoRA fine-tuning to answer Yes for the next item, No for a random unseen one
-    prompts = {u: texts.user_ids(summary, history[-args.recent:])
-               for u, history, summary in zip(train_users, train_histories, train_summaries)}
-    samples = [(prompts[u] + texts.candidate_ids(item), answer)
-               for u, item, answer in training_pairs(seqs, train_users, data["num_items"], rng)]
+    samples = [(texts.user_ids(summary, history[-args.recent:]) + texts.candidate_ids(item), answer)
+               for (_, history, item, answer), summary in zip(pairs, train_summaries)]
     llm, params = add_lora(llm)
-    checkpoint = os.path.join(out, f"llm_trsr_{args.paradigm}.ckpt.pt")
-    loss = train(llm, params, samples, answers, args, device, checkpoint,
-                 run_settings(args, dataset_fingerprint=data["fingerprint"], llm=llm_fingerprint(args.llm)))
-    print(f"LoRA: {len(samples)} samples (1:1 positives and negatives), {args.epochs} epoch(s), last loss {loss:.3f}")
+    if progress["resumed"] is not None:
+        set_rng_state(progress["resumed"]["rng"])
+        print(f"resuming from {progress['path']}: seed {seed}, epoch {progress['resumed']['epoch']} was done")
+    name = f"LLM-TRSR ({args.paradigm})"
+
+    def validate():
+        return rank_systems({name: llm}, llm, texts, answers, valid, valid_summaries, args, device,
+                            "validate")[name]["MRR@10"]
+
+    loss, early = train(llm, params, samples, answers, args, device, progress, validate)
+    print(f"seed {seed}, LoRA: {len(samples)} samples (1:1 Yes and No), last loss {loss:.3f}, best epoch "
+          f"{early.best_epoch} of {len(early.scores)} (validation MRR@10 {' '.join(f'{v:.4f}' for v in early.scores)})")
 
     # 3. test: every system ranks the same candidates
-    systems = {"popularity": popularity_scores(seqs, data["num_items"], args.seed), "SASRec teacher": teacher,
-               "P2Rec student": student, f"LLM-TRSR ({args.paradigm})": llm}
-    result = test_systems(systems, llm, texts, answers, seqs, test_users, test_histories, test_summaries,
-                          data["num_items"], args, device)
+    systems = {"popularity": popularity_scores(seqs, num_items, seed), **references, name: llm}
+    result = rank_systems(systems, llm, texts, answers, test, test_summaries, args, device, "test")
+    return {"metrics": {**result, "random (expected)": expected_at_random(ranking_metrics, args.candidates)},
+            "best_epoch": early.best_epoch, "valid_mrr10": early.scores, "train_samples": len(samples),
+            "test_users": len(test)}
+
+
+def main():
+    args, device = parse_args()
+    data = load_dataset(args)
+    out = stage_dir(args)
+    teacher, student = load_teacher_and_student(args, data["num_items"])
+    # every LoRA epoch, and every finished seed, is checkpointed: a killed run resumes from here
+    path = os.path.join(out, f"llm_trsr_{args.paradigm}.ckpt.pt")
+    settings = run_settings(args, dataset_fingerprint=data["fingerprint"], llm=llm_fingerprint(args.llm))
+    saved = matching_checkpoint(path, settings, args.force)
+    finished = saved["finished"] if saved else {}
+    for seed in args.seeds:
+        if seed not in finished:
+            progress = {"path": path, "settings": settings, "seed": seed, "finished": finished,
+                        "resumed": saved if saved and saved["seed"] == seed else None}
+            finished[seed] = run_seed(seed, args, data, device, {"SASRec teacher": teacher, "P2Rec student": student},
+                                      progress)
+            save_checkpoint(path, settings, 0, [], seed=None, finished=finished)
+
+    first = finished[args.seeds[0]]
+    mean, std = seeds_mean_std({seed: finished[seed]["metrics"] for seed in args.seeds})
     meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"]}
-    save_atomic({"args": vars(args), "test_users": len(test_users), "train_samples": len(samples), "metrics": result},
+    save_atomic({"args": vars(args), "test_users": first["test_users"], "train_samples": first["train_samples"],
+                 "seeds": args.seeds, "metrics": mean, "std": std, "per_seed": {s: finished[s] for s in args.seeds}},
                 os.path.join(out, f"llm_trsr_{args.paradigm}_metrics.json"), meta)
-    os.remove(checkpoint)
-    print(f"{args.candidates} candidates per test user, {len(test_users)} users")
-    for name, m in result.items():
-        print(f"  {name:28s} " + " ".join(f"{k} {v:.4f}" for k, v in m.items()))
+    os.remove(path)
+    print_seeds_table(mean, std, args.seeds, args.candidates, first["test_users"])
 
 
 if __name__ == "__main__":

@@ -135,8 +135,12 @@ def test_lora_learns_to_answer(tiny_llm, tiny, answer, tmp_path):
                                         list(answers.values()), torch.device("cpu"))
     before = p_yes()
     samples = [(prefix + texts.candidate_ids(7), answer), (prefix + texts.candidate_ids(8), answer)]
-    args = types.SimpleNamespace(lr=3e-2, epochs=10, batch_size=2, seed=0, force=False)
-    llm_trsr.train(llm, params, samples, answers, args, torch.device("cpu"), str(tmp_path / "ckpt.pt"), {})
+    args = types.SimpleNamespace(lr=3e-2, epochs=10, patience=10, batch_size=2)
+    progress = {"path": str(tmp_path / "ckpt.pt"), "settings": {}, "seed": 0, "finished": {}, "resumed": None}
+    sign = 1 if answer == "Yes" else -1
+    _, early = llm_trsr.train(llm, params, samples, answers, args, torch.device("cpu"), progress,
+                              lambda: sign * float(p_yes().mean()))
+    assert len(early.scores) == 10 and early.scores[early.best_epoch - 1] == max(early.scores)
     moved = p_yes() - before
     assert (moved > 0.1).all() if answer == "Yes" else (moved < -0.1).all()
     assert all(p.grad is not None for p in params)
@@ -178,12 +182,16 @@ def test_killed_lora_training_resumes_to_the_same_metrics(pipeline, tmp_path, ti
     assert resumed == whole
 
 
-def test_training_pairs_answer_yes_for_the_next_item_and_no_for_an_unseen_one():
+def test_training_pairs_answer_yes_for_each_prefixs_last_item_and_no_for_an_unseen_one():
     seqs = [list(range(1, 12)), [5, 9, 2, 7, 3], [40, 39, 38]]
-    pairs = llm_trsr.training_pairs(seqs, [0, 1, 2] * 20, num_items=40, rng=random.Random(0))
-    assert len(pairs) == 120 and sum(answer == "Yes" for _, _, answer in pairs) == 60
-    for u, item, answer in pairs:
+    pairs = llm_trsr.training_pairs(seqs, [0, 1, 2] * 20, 1, num_items=40, rng=random.Random(0))
+    assert len(pairs) == 80 and sum(answer == "Yes" for *_, answer in pairs) == 40  # user 2's train split: one item
+    for u, history, item, answer in pairs:
+        assert history == seqs[u][:-3]  # the train split's last item is the answer: validation and test stay unseen
         if answer == "Yes":
-            assert item == seqs[u][-3]  # the train split's last item: validation and test stay unseen
+            assert item == seqs[u][-3]
         else:
             assert item not in seqs[u] and 1 <= item <= 40
+    prefixes = llm_trsr.training_pairs(seqs[:2], [0, 1], 3, num_items=40, rng=random.Random(0))
+    assert [(history[-1], item) for _, history, item, answer in prefixes if answer == "Yes"] == \
+        [(8, 9), (7, 8), (6, 7), (9, 2), (5, 9)]  # user 1's train split [5, 9, 2] has two prefixes with a target
