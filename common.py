@@ -1084,6 +1084,12 @@ class EarlyStopping:
         return {"scores": self.scores, "best_epoch": self.best_epoch, "best_params": self.best_params}
 
 
+def scoring_batch(args, device):
+    """Sequences per step when an LLM baseline scores candidates: on a GPU 4 x --batch-size (no gradients), every
+    candidate's prompt whole; on a CPU 0, meaning case by case, a prompt's cache shared by its candidates."""
+    return 4 * args.batch_size if device.type == "cuda" else 0
+
+
 def seeds_mean_std(per_seed):
     """{seed: {system: {metric: value}}} -> (mean, std) over the seeds, each {system: {metric: value}}; the std is
     the sample standard deviation (0 for one seed)."""

@@ -44,7 +44,7 @@ from common import (EarlyStopping, UserError, add_common_args, add_scale_args, c
                     llm_fingerprint, load_dataset, load_llm, load_teacher_and_student, matching_checkpoint, pick_device,
                     pick_users, popularity_scores, print_seeds_table, random_unseen, ranking_cases, reference_scores,
                     run_main, run_settings, sasrec_scores, save_atomic, save_checkpoint, scaled, seed_everything,
-                    seeds_mean_std, set_rng_state, stage_dir, train_prefixes)
+                    scoring_batch, seeds_mean_std, set_rng_state, stage_dir, train_prefixes)
 
 KS = (1, 5, 10)
 
@@ -100,8 +100,9 @@ class SoftPromptLM(nn.Module):
         tokens = self.llm.get_input_embeddings()(ids)
         return torch.cat([self.soft.to(tokens.dtype).expand(len(ids), -1, -1), tokens], 1)
 
-    def target_nll(self, samples, device):
-        """Mean negative log-likelihood of each sample's target tokens; samples are (prompt ids, target ids)."""
+    def target_nll(self, samples, device, per_sample=False):
+        """Mean negative log-likelihood of the samples' target tokens (`per_sample`: each sample's own mean);
+        samples are (prompt ids, target ids)."""
         L = max(len(p) + len(t) for p, t in samples)
         ids = torch.zeros(len(samples), L, dtype=torch.long)
         labels = torch.full((len(samples), L), -100)
@@ -114,7 +115,18 @@ class SoftPromptLM(nn.Module):
         # position j predicts token j + 1: read only the positions that predict a target token
         pred = labels[:, 1:] != -100
         logits = head(hidden[:, :-1][pred]).float()
-        return F.cross_entropy(logits, labels[:, 1:][pred])
+        if not per_sample:
+            return F.cross_entropy(logits, labels[:, 1:][pred])
+        nll = F.cross_entropy(logits, labels[:, 1:][pred], reduction="none")
+        return torch.zeros(len(samples), device=device).index_add_(0, pred.nonzero()[:, 0], nll) / pred.sum(1)
+
+    @torch.no_grad()
+    def batched_scores(self, samples, device, batch_size):
+        """score() for many (prompt, name) pairs at once, `batch_size` sequences a step, every prompt run again for
+        each of its names: more arithmetic than sharing its cache, but on a GPU one large batch beats hundreds of
+        small launch-bound steps."""
+        return torch.cat([-self.target_nll(samples[i:i + batch_size], device, per_sample=True).cpu()
+                          for i in range(0, len(samples), batch_size)])
 
     @torch.no_grad()
     def score(self, prompt, names, device):
@@ -294,17 +306,26 @@ def stage2_samples(seqs, users, prompts, num_items, candidates, prefixes, rng):
     return recs
 
 
-def rank_systems(systems, model, prompts, cases, device, desc):
-    """Mean metrics per system over `cases` (common.ranking_cases): every system ranks the same candidates."""
+def model_scores(model, prompts, cases, device, batch_size):
+    """DELRec's score of every candidate of every case: on a CPU case by case, each prompt's cache shared by its
+    candidates (the least arithmetic); on a GPU all cases in large batches (SoftPromptLM.batched_scores)."""
+    if batch_size == 0:
+        return [model.score(prompts.ranking(history, cands), [prompts.name_ids(c) for c in cands], device)
+                for _, history, _, cands in tqdm(cases, desc="score", leave=False)]
+    pairs = [(prompts.ranking(history, cands), prompts.name_ids(c)) for _, history, _, cands in cases for c in cands]
+    return model.batched_scores(pairs, device, batch_size).split([len(case[3]) for case in cases])
+
+
+def rank_systems(systems, model, prompts, cases, device, desc, batch_size):
+    """Mean metrics per system over `cases` (common.ranking_cases): every system ranks the same candidates.
+    `batch_size`: sequences per step of DELRec's scoring, 0 to score case by case (model_scores)."""
     totals = {name: Counter() for name, m in systems.items() if m is not None}  # update() adds
-    for _, history, target, cands in tqdm(cases, desc=desc, leave=False):
+    llm_scores = model_scores(model, prompts, cases, device, batch_size)
+    for case, (_, history, target, cands) in enumerate(tqdm(cases, desc=desc, leave=False)):
         for name, m in systems.items():
             if m is None:
                 continue
-            if m is model:
-                scores = model.score(prompts.ranking(history, cands), [prompts.name_ids(c) for c in cands], device)
-            else:
-                scores = reference_scores(m, history, cands)
+            scores = llm_scores[case] if m is model else reference_scores(m, history, cands)
             totals[name].update(rank_metrics(candidate_rank(scores, cands.index(target))))
     return {name: {k: v / len(cases) for k, v in t.items()} for name, t in totals.items()}
 
@@ -345,7 +366,8 @@ def run_seed(seed, args, data, device, references, progress):
 
     def validate():
         model.eval()
-        return rank_systems({"DELRec": model}, model, prompts, valid, device, "validate")["DELRec"]["NDCG@10"]
+        batch = scoring_batch(args, device)
+        return rank_systems({"DELRec": model}, model, prompts, valid, device, "validate", batch)["DELRec"]["NDCG@10"]
 
     loss, early = train_stage(2, model, params, batches, args.stage2_epochs, args, device, progress, allocator, validate)
     print(f"seed {seed}, stage 2: {len(recs)} samples, last loss {loss:.3f}, best epoch {early.best_epoch} of "
@@ -355,7 +377,7 @@ def run_seed(seed, args, data, device, references, progress):
     test = ranking_cases(seqs, pick_users(len(seqs), args.test_users, random.Random(seed + 4)), num_items,
                          args.candidates, random.Random(seed + 1), "test")
     systems = {"popularity": popularity_scores(seqs, num_items, seed), **references, "DELRec": model}
-    result = rank_systems(systems, model, prompts, test, device, "test")
+    result = rank_systems(systems, model, prompts, test, device, "test", scoring_batch(args, device))
     result["DELRec, no stage 1" if args.no_stage1 else "DELRec"] = result.pop("DELRec")
     return {**result, "random (expected)": expected_at_random(rank_metrics, args.candidates)}, early, len(test)
 

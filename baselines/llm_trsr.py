@@ -5,7 +5,8 @@ LoRA reads the summary, the last few items and one candidate and answers "Yes" o
 
 Reads  out/<dataset>/dataset.json (01_prepare.py), teacher.pt (02_teacher.py), student.pt (05_student.py,
        optional: the P2Rec student is scored on the same candidates)
-Writes out/<dataset>/llm_trsr_summaries.json (the summary cache), llm_trsr_<paradigm>_metrics.json
+Writes out/<dataset>/llm_trsr_summaries.json (the summary cache), llm_trsr_<paradigm>_metrics.json (mean, std
+       and every seed's metrics)
 
 $ python baselines/llm_trsr.py --data ml-100k --paradigm hierarchical
 
@@ -18,12 +19,17 @@ for the training cut and the test cut of a user. Summaries are cached on disk, k
 read: a rerun (or the other paradigm, which shares the first block's summary) does not regenerate them.
 Items are named by title and genres where the data has them (ml-100k), else "item <id>" (Beauty).
 
-Recommender: LoRA (r 8, alpha 16, on q/k/v/o) learns to answer "Yes" for the item that came next and
-"No" for a random item the user never touched (1:1). Score = softmax over the "Yes" and "No" logits.
-Test: the true next item and `--candidates`-1 random unseen items, Recall and MRR at 3/5/10, with the
-SASRec teacher and the P2Rec student scored on the same candidates, beside popularity and a random order.
-Interrupted? The same command resumes: summaries come from their cache, the LoRA from its last whole epoch
-(out/<dataset>/llm_trsr_<paradigm>.ckpt.pt).
+Recommender: LoRA (r 8, alpha 16, on q/k/v/o) learns to answer "Yes" for the item that came next after a
+training prefix and "No" for a random item the user never touched (1:1). Score = softmax over the "Yes" and
+"No" logits. Test: the true next item and `--candidates`-1 random unseen items, Recall and MRR at 3/5/10, with
+the SASRec teacher and the P2Rec student scored on the same candidates, beside popularity and a random order.
+
+Two scales (--scale): on a CPU, small defaults (200 training users and their last training item, one epoch,
+200 test users) keep the tests and a smoke run quick; on a GPU, full ones: every user and the last 5 prefixes
+of its train split, the LoRA stopping once validation MRR@10 (500 users' second last items) has not improved
+for 2 epochs, keeping its best epoch, and every user tested. --seeds 42 43 44 reports mean ± std.
+Interrupted? The same command resumes: summaries come from their cache, finished seeds are kept, the LoRA
+resumes from its last whole epoch (out/<dataset>/llm_trsr_<paradigm>.ckpt.pt).
 """
 import argparse
 import json
@@ -42,8 +48,8 @@ from common import (EarlyStopping, UserError, add_common_args, add_scale_args, c
                     check_nonnegative, check_positive, expected_at_random, fill_scale_defaults, llm_fingerprint,
                     load_dataset, load_llm, load_teacher_and_student, matching_checkpoint, matmul_dtype, pick_device,
                     pick_users, popularity_scores, print_seeds_table, random_unseen, ranking_cases, reference_scores,
-                    run_main, run_settings, save_atomic, save_checkpoint, scaled, seed_everything, seeds_mean_std,
-                    set_rng_state, stage_dir, train_prefixes)
+                    run_main, run_settings, save_atomic, save_checkpoint, scaled, seed_everything, scoring_batch,
+                    seeds_mean_std, set_rng_state, stage_dir, train_prefixes)
 
 KS = (3, 5, 10)
 PARADIGMS = ("hierarchical", "recurrent")
@@ -224,6 +230,14 @@ def yes_probability(llm, prefix, rests, answers, device):
     return logits.softmax(-1)[:, 0].cpu()
 
 
+@torch.no_grad()
+def yes_probabilities(llm, prompts, answers, device, batch_size):
+    """yes_probability() without the shared cache: P(Yes) against No after each whole prompt, `batch_size` prompts
+    a step. More arithmetic, but on a GPU large batches beat hundreds of small launch-bound steps."""
+    return torch.cat([last_token_logits(llm, prompts[i:i + batch_size], device)[:, answers].softmax(-1)[:, 0].cpu()
+                      for i in range(0, len(prompts), batch_size)])
+
+
 def train(llm, params, samples, answers, args, device, progress, validate):
     """AdamW on the cross-entropy of the answer token ("Yes" or "No") after each prompt, over the vocabulary, for
     up to --epochs epochs; stops once `validate()` has not improved for --patience epochs and keeps the best epoch.
@@ -327,19 +341,28 @@ def parse_args():
     return args, device
 
 
+def llm_scores(llm, texts, answers, cases, summaries, args, device, batch_size):
+    """P(Yes) of every candidate of every case: `batch_size` 0 (a CPU) case by case, each user's prompt cached for
+    its candidates (the least arithmetic); else every whole prompt in batches (yes_probabilities)."""
+    users = [texts.user_ids(summary, history[-args.recent:]) for (_, history, _, _), summary in zip(cases, summaries)]
+    if batch_size == 0:
+        return [yes_probability(llm, prefix, [texts.candidate_ids(c) for c in case[3]], list(answers.values()), device)
+                for prefix, case in tqdm(list(zip(users, cases)), desc="score", leave=False)]
+    prompts = [prefix + texts.candidate_ids(c) for prefix, case in zip(users, cases) for c in case[3]]
+    return yes_probabilities(llm, prompts, list(answers.values()), device, batch_size).split(
+        [len(case[3]) for case in cases])
+
+
 def rank_systems(systems, llm, texts, answers, cases, summaries, args, device, desc):
     """Mean metrics per system over `cases` (common.ranking_cases) and their histories' summaries: every system
     ranks the same candidates."""
     totals = {name: Counter() for name, m in systems.items() if m is not None}  # update() adds
-    for (_, history, target, cands), summary in tqdm(list(zip(cases, summaries)), desc=desc, leave=False):
+    scored = llm_scores(llm, texts, answers, cases, summaries, args, device, scoring_batch(args, device))
+    for case, (_, history, target, cands) in enumerate(tqdm(cases, desc=desc, leave=False)):
         for name, m in systems.items():
             if m is None:
                 continue
-            if m is llm:
-                scores = yes_probability(llm, texts.user_ids(summary, history[-args.recent:]),
-                                         [texts.candidate_ids(c) for c in cands], list(answers.values()), device)
-            else:
-                scores = reference_scores(m, history, cands)
+            scores = scored[case] if m is llm else reference_scores(m, history, cands)
             totals[name].update(ranking_metrics(candidate_rank(scores, cands.index(target))))  # ties count against it
     return {name: {k: v / len(cases) for k, v in t.items()} for name, t in totals.items()}
 

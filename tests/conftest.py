@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -36,12 +37,13 @@ def run_torchrun(script, *args, nproc=2):
     return proc
 
 
-def kill_when_checkpointed(script, args, checkpoint, timeout=300):
-    """Start a stage as a real subprocess and SIGKILL it as soon as its first epoch checkpoint exists."""
+def kill_when_checkpointed(script, args, checkpoint, timeout=300, ready=None):
+    """Start a stage as a real subprocess and SIGKILL it as soon as its first epoch checkpoint exists (and, when
+    given, `ready(checkpoint contents)` holds)."""
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
-    while not checkpoint.exists():
+    while not checkpoint.exists() or (ready and not ready(torch.load(checkpoint, weights_only=False))):
         assert proc.poll() is None, f"{script} ended before it could be killed"
         assert time.time() < deadline, f"{script} wrote no checkpoint in {timeout} s"
         time.sleep(0.005)
@@ -49,20 +51,22 @@ def kill_when_checkpointed(script, args, checkpoint, timeout=300):
     proc.wait()
 
 
-def baseline_whole_and_resumed(pipeline, tmp_path, script, args, name):
+def baseline_whole_and_resumed(pipeline, tmp_path, script, args, name, ready=None):
     """Run a baseline script (`args` after --data/--out) once whole, and once killed when its first epoch
-    checkpoint (out/synth/<name>.ckpt.pt) exists and then run again; returns the two runs' metrics."""
+    checkpoint (out/synth/<name>.ckpt.pt) exists (and `ready` holds: kill_when_checkpointed) and then run again;
+    returns the two runs' metrics."""
     results = {}
     for run in ("whole", "killed"):
         out = copy_artifacts(pipeline, tmp_path / run, "dataset.json", "teacher.pt", "student.pt")
         command = ["--data", "synth", "--out", out, *args]
         checkpoint, metrics = out / "synth" / f"{name}.ckpt.pt", out / "synth" / f"{name}_metrics.json"
         if run == "killed":
-            kill_when_checkpointed(script, command, checkpoint)
+            kill_when_checkpointed(script, command, checkpoint, ready=ready)
             assert not metrics.exists()
         proc = run_stage(script, *command)
         assert ("resuming from" in proc.stdout) == (run == "killed") and not checkpoint.exists()
-        results[run] = json.loads(metrics.read_text())["metrics"]
+        result = json.loads(metrics.read_text())
+        results[run] = {key: result[key] for key in ("metrics", "std", "per_seed")}
     return results["whole"], results["killed"]
 
 

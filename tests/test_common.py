@@ -4,10 +4,11 @@ import torch
 
 import pytest
 
-from common import (NEGATIVE_DRAWS, ItemEmbedding, LoRALLM, PromptBuilder, RunGroup, SASRec, bce_negatives, eval_split,
-                    graph_widths, left_pad, load_llm, negative_draws, pack_prompts, popularity_scores, preference_kl,
-                    rank_metrics, run_losses, sampled_negatives, sampled_ranks, split_user, stack_batches, target_ranks,
-                    token_batches, train_pairs, train_popularity, train_tensors, trim_padding)
+from common import (NEGATIVE_DRAWS, EarlyStopping, ItemEmbedding, LoRALLM, PromptBuilder, RunGroup, SASRec, bce_negatives,
+                    eval_split, fill_scale_defaults, graph_widths, left_pad, load_llm, negative_draws, pack_prompts,
+                    popularity_scores, preference_kl, rank_metrics, ranking_cases, run_losses, sampled_negatives,
+                    sampled_ranks, seeds_mean_std, split_user, stack_batches, target_ranks, token_batches, train_pairs,
+                    train_popularity, train_prefixes, train_tensors, trim_padding)
 
 
 def test_rank_metrics_hand_computed():
@@ -182,3 +183,49 @@ def test_popularity_counts_training_items_and_breaks_ties_at_random():
     scores = popularity_scores(sequences, 6, seed=0)
     assert scores.argsort(descending=True)[:2].tolist() == [2, 1]  # counts decide, the fraction only breaks ties
     assert len(set(scores[3:].tolist())) == 4 and torch.equal(scores, popularity_scores(sequences, 6, seed=0))
+
+
+def test_train_prefixes_end_at_the_last_training_items_longest_first():
+    seq = [1, 2, 3, 4, 5, 6, 7]  # train split [1, 2, 3, 4, 5]
+    assert train_prefixes(seq, 2, shortest=2) == [[1, 2, 3, 4, 5], [1, 2, 3, 4]]
+    assert train_prefixes(seq, 0, shortest=3) == [[1, 2, 3, 4, 5], [1, 2, 3, 4], [1, 2, 3]]
+    assert train_prefixes([1, 2, 3], 5, shortest=2) == []  # a one-item train split has no target
+
+
+def test_ranking_cases_hold_out_the_validation_or_test_item():
+    import random
+    seqs = [list(range(1, 9)), [9, 10, 11, 12]]
+    for split, cut in (("valid", -2), ("test", -1)):
+        for u, history, target, cands in ranking_cases(seqs, [0, 1], 40, 11, random.Random(0), split):
+            assert history == seqs[u][:cut] and target == seqs[u][cut]
+            assert len(set(cands)) == 11 and not (set(cands) - {target}) & set(seqs[u])
+
+
+def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():
+    param = torch.nn.Parameter(torch.zeros(1))
+    early = EarlyStopping(patience=2)
+    for epoch, score in enumerate([0.1, 0.5, 0.4, 0.3], 1):
+        assert not early.stop()
+        with torch.no_grad():
+            param.fill_(epoch)
+        early.update(score, [param])
+    assert early.stop() and early.best_epoch == 2
+    resumed = EarlyStopping(2, early.state())  # what a checkpoint carries
+    resumed.restore_best([param])
+    assert resumed.stop() and param.item() == 2
+
+
+def test_scale_defaults_follow_the_device_unless_set():
+    import argparse
+    args = argparse.Namespace(scale="auto", epochs=None, batch_size=4)
+    fill_scale_defaults(args, torch.device("cpu"), {"epochs": (1, 8), "batch_size": (8, 32)})
+    assert (args.scale, args.epochs, args.batch_size) == ("small", 1, 4)
+    args = argparse.Namespace(scale="auto", epochs=None)
+    fill_scale_defaults(args, torch.device("cuda"), {"epochs": (1, 8)})
+    assert (args.scale, args.epochs) == ("full", 8)
+
+
+def test_seeds_mean_std():
+    mean, std = seeds_mean_std({1: {"a": {"HR@10": 0.2}}, 2: {"a": {"HR@10": 0.4}}})
+    assert mean["a"]["HR@10"] == pytest.approx(0.3) and std["a"]["HR@10"] == pytest.approx(0.1414, abs=1e-4)
+    assert seeds_mean_std({1: {"a": {"HR@10": 0.2}}})[1]["a"]["HR@10"] == 0.0

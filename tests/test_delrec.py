@@ -9,7 +9,7 @@ from conftest import ROOT, baseline_whole_and_resumed, copy_artifacts, run_stage
 
 sys.path.insert(0, ROOT + "/baselines")
 import delrec  # noqa: E402
-from common import candidate_set  # noqa: E402
+from common import candidate_set, ranking_cases  # noqa: E402
 
 ARGS = ["--train-users", 40, "--virtual-tokens", 4, "--batch-size", 8, "--lr", 1e-2]
 
@@ -75,16 +75,37 @@ def test_scores_cover_every_candidate_and_match_a_full_forward(tiny):
         for score, name in zip(scores, names):
             nll = model.target_nll([(prompt, name)], torch.device("cpu")).item()
             assert -score.item() == pytest.approx(nll, rel=1e-4)
+    # the GPU route: every (prompt, name) pair in padded batches, prompts of different lengths mixed
+    other = prompts.ranking([4, 5], [7, 8])
+    pairs = [(prompt, name) for name in names] + [(other, name) for name in names[:2]]
+    batched = model.batched_scores(pairs, torch.device("cpu"), batch_size=4)
+    expected = torch.cat([scores, model.score(other, names[:2], torch.device("cpu"))])
+    assert torch.allclose(batched, expected, atol=1e-4)
+
+
+def test_case_by_case_and_batched_scoring_agree(tiny):
+    llm, prompts = tiny
+    model = delrec.SoftPromptLM(llm, 3).eval()
+    cases = ranking_cases([list(range(1, 12)), [5, 9, 2, 7, 3]], [0, 1], 40, 11, random.Random(0), "test")
+    cached, batched = (delrec.model_scores(model, prompts, cases, torch.device("cpu"), size) for size in (0, 7))
+    assert len(cached) == len(batched) == 2
+    for one, other in zip(cached, batched):
+        assert one.shape == (11,) and torch.allclose(one, other, atol=1e-4)
 
 
 def test_end_to_end_with_adalora(pipeline, tmp_path, tiny_llm):
     out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt", "student.pt")
-    run_stage("baselines/delrec.py", "--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, *ARGS)
-    metrics = json.loads((out / "synth" / "delrec_metrics.json").read_text())["metrics"]
+    run_stage("baselines/delrec.py", "--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, *ARGS,
+              "--seeds", 1, 2)
+    result = json.loads((out / "synth" / "delrec_metrics.json").read_text())
+    metrics = result["metrics"]
     assert set(metrics) == {"random (expected)", "popularity", "SASRec teacher", "P2Rec student", "DELRec"}
     assert metrics["random (expected)"]["HR@10"] == pytest.approx(10 / 20)
     for m in metrics.values():
         assert 0 <= m["HR@1"] <= m["HR@5"] <= m["HR@10"] <= 1
+    per_seed = [result["per_seed"][seed]["metrics"]["popularity"]["HR@10"] for seed in ("1", "2")]
+    assert metrics["popularity"]["HR@10"] == pytest.approx(sum(per_seed) / 2)  # each seed draws its own candidates
+    assert result["std"]["random (expected)"]["HR@10"] == 0 and result["per_seed"]["1"]["best_epoch"] == 1
     assert torch.load(out / "synth" / "delrec_soft_prompt.pt")["soft"].shape[0] == 4
     run_stage("baselines/delrec.py", "--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, *ARGS,
               "--no-stage1")

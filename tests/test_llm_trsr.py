@@ -10,7 +10,7 @@ from conftest import ROOT, baseline_whole_and_resumed, copy_artifacts, run_stage
 
 sys.path.insert(0, ROOT + "/baselines")
 import llm_trsr  # noqa: E402
-from common import candidate_rank, expected_at_random  # noqa: E402
+from common import candidate_rank, expected_at_random, ranking_cases  # noqa: E402
 
 ARGS = ["--train-users", 30, "--test-users", 20, "--summary-tokens", 4, "--generate-batch", 16, "--lr", 1e-2]
 
@@ -119,6 +119,22 @@ def test_yes_probability_covers_every_candidate_and_matches_a_full_forward(tiny)
     with torch.no_grad():
         logits = llm_trsr.last_token_logits(llm, [prefix + texts.candidate_ids(c) for c in cands], torch.device("cpu"))
     assert torch.allclose(probs, logits[:, answers].softmax(-1)[:, 0], atol=1e-5)
+    # the GPU route: whole prompts in padded batches
+    batched = llm_trsr.yes_probabilities(llm, [prefix + texts.candidate_ids(c) for c in cands], answers,
+                                         torch.device("cpu"), batch_size=3)
+    assert torch.allclose(batched, probs, atol=1e-5)
+
+
+def test_case_by_case_and_batched_scoring_agree(tiny):
+    llm, texts = tiny
+    answers = dict(zip(("Yes", "No"), texts.answer_ids()))
+    cases = ranking_cases([list(range(1, 12)), [5, 9, 2, 7, 3]], [0, 1], 40, 11, random.Random(0), "test")
+    args = types.SimpleNamespace(recent=3)
+    cached, batched = (llm_trsr.llm_scores(llm, texts, answers, cases, ["likes dramas", "likes comedies"], args,
+                                           torch.device("cpu"), size) for size in (0, 7))
+    assert len(cached) == len(batched) == 2
+    for one, other in zip(cached, batched):
+        assert one.shape == (11,) and torch.allclose(one, other, atol=1e-5)
 
 
 @pytest.mark.parametrize("answer", ["Yes", "No"])
@@ -174,11 +190,12 @@ def test_end_to_end(pipeline, tmp_path, tiny_llm, paradigm):
     assert " 0 generated" in rerun.stdout  # every summary came from the cache
 
 
-def test_killed_lora_training_resumes_to_the_same_metrics(pipeline, tmp_path, tiny_llm):
-    """kill -9 once the first LoRA epoch is checkpointed, then the same command: it resumes after that epoch and
-    ends with the uninterrupted run's metrics."""
-    args = ["--device", "cpu", "--llm", tiny_llm, *ARGS, "--epochs", 2]
-    whole, resumed = baseline_whole_and_resumed(pipeline, tmp_path, "baselines/llm_trsr.py", args, "llm_trsr_hierarchical")
+def test_killed_run_resumes_to_the_same_metrics(pipeline, tmp_path, tiny_llm):
+    """Two seeds; kill -9 once seed 2's first LoRA epoch is checkpointed (seed 1 finished), then the same command:
+    it keeps seed 1, resumes seed 2 after that epoch and ends with the uninterrupted run's mean and std."""
+    args = ["--device", "cpu", "--llm", tiny_llm, *ARGS, "--epochs", 2, "--patience", 2, "--seeds", 1, 2]
+    whole, resumed = baseline_whole_and_resumed(pipeline, tmp_path, "baselines/llm_trsr.py", args, "llm_trsr_hierarchical",
+                                                ready=lambda checkpoint: checkpoint["seed"] == 2)
     assert resumed == whole
 
 
