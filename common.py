@@ -1015,12 +1015,19 @@ def candidate_rank(scores, target_index):
     return int((scores >= scores[target_index]).sum()) - 1
 
 
-def add_scale_args(parser):
+def add_scale_args(parser, scales):
+    """--scale and --seeds, and the options both LLM baselines share whose defaults depend on the scale."""
     parser.add_argument("--scale", choices=("auto", "small", "full"), default="auto",
                         help="defaults of the options marked 'small | full': small on a CPU (tests, a smoke run), full on a "
                              "GPU (every training user and its last prefixes, early stopping on validation); auto picks "
                              "by --device")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="one run per seed; the tables give mean ± std")
+    parser.add_argument("--train-users", type=int, help=scaled(scales, "train_users", "users whose train split gives "
+                                                               "the training samples (0: all)"))
+    parser.add_argument("--prefixes", type=int, help=scaled(scales, "prefixes", "samples per training user: the "
+                        "prefixes of its train split that end at its last this many items (0: all)"))
+    parser.add_argument("--valid-users", type=int, help=scaled(scales, "valid_users", "users whose validation item "
+                        "(their second last) picks the best epoch (0: all)"))
 
 
 def scaled(defaults, name, text):

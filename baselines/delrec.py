@@ -20,7 +20,7 @@ score. Items are named by title where the data has them (ml-100k), else "item <i
 `--no-stage1` is the paper's ablation: stage 2 with no distilled prompt.
 Two scales (--scale): on a CPU, small defaults (300 training users, their last training item, one epoch per
 stage) keep the tests and a smoke run quick; on a GPU, full ones: every user and the last 5 prefixes of its train
-split, stage 2 stopping once validation NDCG@10 (each user's second last item among 20 candidates) has not
+split, stage 2 stopping once validation NDCG@10 (500 users' second last items, 20 candidates each) has not
 improved for 2 epochs, keeping its best epoch. --seeds 42 43 44 runs each seed and reports mean ± std.
 Interrupted? The same command resumes after the last whole epoch of either stage, skipping finished seeds
 (out/<dataset>/delrec.ckpt.pt).
@@ -249,16 +249,10 @@ def parse_args():
     """The arguments, with the --scale defaults filled in for the device; returns them and the device."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, seed=False, llm=True)
-    add_scale_args(parser)
+    add_scale_args(parser, SCALES)
     parser.add_argument("--virtual-tokens", type=int, default=20, help="soft prompt length (the paper: 100)")
     parser.add_argument("--candidates", type=int, default=20, help="items ranked per test case")
     parser.add_argument("--max-history", type=int, default=10, help="most recent items in a prompt")
-    parser.add_argument("--train-users", type=int, help=scaled(SCALES, "train_users", "users whose train split makes "
-                                                               "the training samples (0: all)"))
-    parser.add_argument("--prefixes", type=int, help=scaled(SCALES, "prefixes", "samples per training user and task: "
-                        "the prefixes of its train split that end at its last this many items (0: all)"))
-    parser.add_argument("--valid-users", type=int, help=scaled(SCALES, "valid_users", "users whose validation item "
-                        "(their second last) picks stage 2's best epoch (0: all)"))
     parser.add_argument("--test-users", type=int, default=0, help="users scored (0: all)")
     parser.add_argument("--stage1-epochs", type=int, default=1, help="passes of pattern distillation")
     parser.add_argument("--stage2-epochs", type=int, help=scaled(SCALES, "stage2_epochs", "epoch ceiling of the "

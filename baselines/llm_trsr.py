@@ -308,7 +308,7 @@ def parse_args():
     """The arguments, with the --scale defaults filled in for the device; returns them and the device."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, seed=False, llm=True)
-    add_scale_args(parser)
+    add_scale_args(parser, SCALES)
     parser.add_argument("--paradigm", default="hierarchical", choices=PARADIGMS, help="how blocks are summarised")
     parser.add_argument("--block-size", type=int, default=5, help="items per block")
     parser.add_argument("--max-blocks", type=int, default=5, help="the last this many blocks are summarised")
@@ -316,12 +316,6 @@ def parse_args():
     parser.add_argument("--generate-batch", type=int, help=scaled(SCALES, "generate_batch", "prompts per generation batch"))
     parser.add_argument("--recent", type=int, default=5, help="most recent items listed beside the summary")
     parser.add_argument("--candidates", type=int, default=21, help="items ranked per test user (the paper: 21)")
-    parser.add_argument("--train-users", type=int, help=scaled(SCALES, "train_users", "users whose train split gives "
-                                                               "the LoRA samples (0: all)"))
-    parser.add_argument("--prefixes", type=int, help=scaled(SCALES, "prefixes", "samples per training user: the "
-                        "prefixes of its train split that end at its last this many items (0: all), 1:1 Yes and No"))
-    parser.add_argument("--valid-users", type=int, help=scaled(SCALES, "valid_users", "users whose validation item "
-                        "(their second last) picks the best epoch (0: all)"))
     parser.add_argument("--test-users", type=int, help=scaled(SCALES, "test_users", "users scored (0: all)"))
     parser.add_argument("--epochs", type=int, help=scaled(SCALES, "epochs", "epoch ceiling of the LoRA, which stops "
                         "once validation MRR@10 has not improved for --patience epochs and keeps its best epoch"))
