@@ -1106,6 +1106,32 @@ def seeds_mean_std(per_seed):
     return mean, std
 
 
+def run_seeds(args, data, name, run_seed):
+    """Every seed of --seeds through run_seed(seed, progress), then their mean ± std, printed and written to
+    OUT/DATA/<name>_metrics.json beside every seed's own results. Finished seeds and the running seed's epochs go
+    into <name>.ckpt.pt (`progress`: its path and settings, the finished seeds, and what an interrupted run left of
+    this seed), so that after Ctrl-C or kill -9 the same command skips the finished seeds and resumes the other."""
+    out = stage_dir(args)
+    path = os.path.join(out, f"{name}.ckpt.pt")
+    settings = run_settings(args, dataset_fingerprint=data["fingerprint"], llm=llm_fingerprint(args.llm))
+    saved = matching_checkpoint(path, settings, args.force)
+    finished = saved["finished"] if saved else {}
+    for seed in args.seeds:
+        if seed not in finished:
+            progress = {"path": path, "settings": settings, "seed": seed, "finished": finished,
+                        "resumed": saved if saved and saved["seed"] == seed else None}
+            finished[seed] = run_seed(seed, progress)
+            save_checkpoint(path, settings, 0, [], seed=None, finished=finished)
+    results = {seed: finished[seed] for seed in args.seeds}
+    mean, std = seeds_mean_std({seed: result["metrics"] for seed, result in results.items()})
+    users = results[args.seeds[0]]["test_users"]
+    save_atomic({"args": vars(args), "test_users": users, "seeds": args.seeds, "metrics": mean, "std": std,
+                 "per_seed": results}, os.path.join(out, f"{name}_metrics.json"),
+                {"args": vars(args), "dataset_fingerprint": data["fingerprint"]})
+    os.remove(path)
+    print_seeds_table(mean, std, args.seeds, args.candidates, users)
+
+
 def print_seeds_table(mean, std, seeds, candidates, users):
     print(f"{candidates} candidates per test user, {users} users, mean ± std over seeds {' '.join(map(str, seeds))}")
     for name, m in mean.items():

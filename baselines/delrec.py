@@ -41,10 +41,9 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (EarlyStopping, UserError, add_common_args, add_scale_args, candidate_rank,  # noqa: E402
                     candidate_set, check_nonnegative, check_positive, expected_at_random, fill_scale_defaults,
-                    llm_fingerprint, load_dataset, load_llm, load_teacher_and_student, matching_checkpoint, pick_device,
-                    pick_users, popularity_scores, print_seeds_table, random_unseen, ranking_cases, reference_scores,
-                    run_main, run_settings, sasrec_scores, save_atomic, save_checkpoint, scaled, seed_everything,
-                    scoring_batch, seeds_mean_std, set_rng_state, stage_dir, train_prefixes)
+                    load_dataset, load_llm, load_teacher_and_student, pick_device, pick_users, popularity_scores,
+                    random_unseen, ranking_cases, reference_scores, run_main, run_seeds, sasrec_scores, save_atomic,
+                    save_checkpoint, scaled, scoring_batch, seed_everything, set_rng_state, stage_dir, train_prefixes)
 
 KS = (1, 5, 10)
 
@@ -326,7 +325,8 @@ def rank_systems(systems, model, prompts, cases, device, desc, batch_size):
 
 def run_seed(seed, args, data, device, references, progress):
     """One DELRec run: stage 1, stage 2 (early stopping on the validation items), then every system on the test
-    users' candidates (drawn from the seed alone). Returns the metrics per system and stage 2's best epoch."""
+    users' candidates (drawn from the seed alone). Returns the metrics per system, stage 2's best epoch and its
+    validation curve."""
     seed_everything(seed)
     rng = random.Random(seed)
     seqs, num_items = data["sequences"], data["num_items"]
@@ -335,7 +335,9 @@ def run_seed(seed, args, data, device, references, progress):
     prompts = Prompts(tokenizer, data["item_titles"], args.max_history)
     model = SoftPromptLM(llm, 0 if args.no_stage1 else args.virtual_tokens).to(device)
     users = pick_users(len(seqs), args.train_users, rng)
-    if progress["resumed"] is not None:
+    resumed = progress["resumed"]
+    progress.update(params=resumed["params"] if resumed else {}, stage_losses=resumed["stage_losses"] if resumed else {})
+    if resumed is not None:
         set_rng_state(progress["resumed"]["rng"])
         print(f"resuming from {progress['path']}: seed {seed}, stage {progress['resumed']['stage']}, "
               f"epoch {progress['resumed']['epoch']} was done")
@@ -348,7 +350,8 @@ def run_seed(seed, args, data, device, references, progress):
         print(f"seed {seed}, stage 1: {len(temporal)} temporal + {len(simulated)} simulating samples, last loss {loss:.3f}")
         if seed == args.seeds[0]:
             save_atomic({"soft": model.soft.detach().cpu(), "seed": seed, "args": vars(args)},
-                        os.path.join(stage_dir(args), "delrec_soft_prompt.pt"), progress["meta"])
+                        os.path.join(stage_dir(args), "delrec_soft_prompt.pt"),
+                        {"args": vars(args), "dataset_fingerprint": data["fingerprint"]})
 
     # stage 2: the soft prompt is frozen, AdaLoRA adapts the LLM to name the true next item
     model.soft.requires_grad_(False)
@@ -373,40 +376,17 @@ def run_seed(seed, args, data, device, references, progress):
     systems = {"popularity": popularity_scores(seqs, num_items, seed), **references, "DELRec": model}
     result = rank_systems(systems, model, prompts, test, device, "test", scoring_batch(args, device))
     result["DELRec, no stage 1" if args.no_stage1 else "DELRec"] = result.pop("DELRec")
-    return {**result, "random (expected)": expected_at_random(rank_metrics, args.candidates)}, early, len(test)
+    return {"metrics": {**result, "random (expected)": expected_at_random(rank_metrics, args.candidates)},
+            "best_epoch": early.best_epoch, "valid_ndcg10": early.scores, "test_users": len(test)}
 
 
 def main():
     args, device = parse_args()
     data = load_dataset(args)
-    out = stage_dir(args)
     teacher, student = load_teacher_and_student(args, data["num_items"])
-    name = "delrec_no_stage1" if args.no_stage1 else "delrec"
-    # every epoch of both stages, and every finished seed, is checkpointed: a killed run resumes from here
-    path = os.path.join(out, f"{name}.ckpt.pt")
-    settings = run_settings(args, dataset_fingerprint=data["fingerprint"], llm=llm_fingerprint(args.llm))
-    saved = matching_checkpoint(path, settings, args.force)
-    finished = saved["finished"] if saved else {}
-    meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"]}
-    for seed in args.seeds:
-        if seed in finished:
-            continue
-        resumed = saved if saved and saved["seed"] == seed else None
-        progress = {"path": path, "settings": settings, "resumed": resumed, "seed": seed, "finished": finished,
-                    "params": resumed["params"] if resumed else {}, "meta": meta,
-                    "stage_losses": resumed["stage_losses"] if resumed else {}}
-        metrics, early, n_test = run_seed(seed, args, data, device, {"SASRec teacher": teacher, "P2Rec student": student},
-                                          progress)
-        finished[seed] = {"metrics": metrics, "best_epoch": early.best_epoch, "valid_ndcg10": early.scores,
-                          "test_users": n_test}
-        save_checkpoint(path, settings, 0, [], seed=None, finished=finished)
-
-    mean, std = seeds_mean_std({seed: finished[seed]["metrics"] for seed in args.seeds})
-    save_atomic({"args": vars(args), "test_users": finished[args.seeds[0]]["test_users"], "seeds": args.seeds,
-                 "metrics": mean, "std": std, "per_seed": {seed: finished[seed] for seed in args.seeds}},
-                os.path.join(out, f"{name}_metrics.json"), meta)
-    os.remove(path)
-    print_seeds_table(mean, std, args.seeds, args.candidates, finished[args.seeds[0]]["test_users"])
+    references = {"SASRec teacher": teacher, "P2Rec student": student}
+    run_seeds(args, data, "delrec_no_stage1" if args.no_stage1 else "delrec",
+              lambda seed, progress: run_seed(seed, args, data, device, references, progress))
 
 
 if __name__ == "__main__":

@@ -46,10 +46,10 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (EarlyStopping, UserError, add_common_args, add_scale_args, candidate_rank,  # noqa: E402
                     check_nonnegative, check_positive, expected_at_random, fill_scale_defaults, llm_fingerprint,
-                    load_dataset, load_llm, load_teacher_and_student, matching_checkpoint, matmul_dtype, pick_device,
-                    pick_users, popularity_scores, print_seeds_table, random_unseen, ranking_cases, reference_scores,
-                    run_main, run_settings, save_atomic, save_checkpoint, scaled, seed_everything, scoring_batch,
-                    seeds_mean_std, set_rng_state, stage_dir, train_prefixes)
+                    load_dataset, load_llm, load_teacher_and_student, matmul_dtype, pick_device, pick_users,
+                    popularity_scores, random_unseen, ranking_cases, reference_scores, run_main, run_seeds,
+                    save_atomic, save_checkpoint, scaled, scoring_batch, seed_everything, set_rng_state, stage_dir,
+                    train_prefixes)
 
 KS = (3, 5, 10)
 PARADIGMS = ("hierarchical", "recurrent")
@@ -418,29 +418,10 @@ def run_seed(seed, args, data, device, references, progress):
 def main():
     args, device = parse_args()
     data = load_dataset(args)
-    out = stage_dir(args)
     teacher, student = load_teacher_and_student(args, data["num_items"])
-    # every LoRA epoch, and every finished seed, is checkpointed: a killed run resumes from here
-    path = os.path.join(out, f"llm_trsr_{args.paradigm}.ckpt.pt")
-    settings = run_settings(args, dataset_fingerprint=data["fingerprint"], llm=llm_fingerprint(args.llm))
-    saved = matching_checkpoint(path, settings, args.force)
-    finished = saved["finished"] if saved else {}
-    for seed in args.seeds:
-        if seed not in finished:
-            progress = {"path": path, "settings": settings, "seed": seed, "finished": finished,
-                        "resumed": saved if saved and saved["seed"] == seed else None}
-            finished[seed] = run_seed(seed, args, data, device, {"SASRec teacher": teacher, "P2Rec student": student},
-                                      progress)
-            save_checkpoint(path, settings, 0, [], seed=None, finished=finished)
-
-    first = finished[args.seeds[0]]
-    mean, std = seeds_mean_std({seed: finished[seed]["metrics"] for seed in args.seeds})
-    meta = {"args": vars(args), "dataset_fingerprint": data["fingerprint"]}
-    save_atomic({"args": vars(args), "test_users": first["test_users"], "train_samples": first["train_samples"],
-                 "seeds": args.seeds, "metrics": mean, "std": std, "per_seed": {s: finished[s] for s in args.seeds}},
-                os.path.join(out, f"llm_trsr_{args.paradigm}_metrics.json"), meta)
-    os.remove(path)
-    print_seeds_table(mean, std, args.seeds, args.candidates, first["test_users"])
+    references = {"SASRec teacher": teacher, "P2Rec student": student}
+    run_seeds(args, data, f"llm_trsr_{args.paradigm}",
+              lambda seed, progress: run_seed(seed, args, data, device, references, progress))
 
 
 if __name__ == "__main__":

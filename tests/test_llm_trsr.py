@@ -182,7 +182,7 @@ def test_end_to_end(pipeline, tmp_path, tiny_llm, paradigm):
     result = json.loads((out / "synth" / f"llm_trsr_{paradigm}_metrics.json").read_text())
     assert set(result["metrics"]) == {"random (expected)", "popularity", "SASRec teacher", "P2Rec student",
                                       f"LLM-TRSR ({paradigm})"}
-    assert result["train_samples"] == 60
+    assert result["per_seed"]["42"]["train_samples"] == 60
     for m in result["metrics"].values():
         assert 0 <= m["MRR@3"] <= m["Recall@3"] <= m["Recall@5"] <= m["Recall@10"] <= 1
     assert " 0 generated" not in proc.stdout
