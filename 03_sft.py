@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (ITEM_REPRS, LoRALLM, PromptBuilder, UserError, add_common_args, all_reduce_sum, available_memory,
-                    check_positive,
-                    compile_blocks, current_teacher, file_fingerprint, llm_fingerprint, load_checkpoint, load_dataset,
-                    load_artifact, load_llm, pack_prompts, pick_device, preference_kl, run_main, run_settings, save_atomic,
-                    save_checkpoint, seed_everything, setup_distributed, sft_files, split_user, stage_dir, token_batches)
+                    check_positive, compile_blocks, current_teacher, file_fingerprint, llm_fingerprint, load_checkpoint,
+                    load_dataset, load_artifact, load_llm, pack_prompts, pick_device, preference_kl, run_main,
+                    run_settings, save_atomic, save_checkpoint, seed_everything, setup_distributed, sft_files, split_user,
+                    stage_dir, token_batches)
 
 
 def add_sft_args(parser):

@@ -254,8 +254,8 @@ def markdown_table(runs, dataset, fuse):
     """The lifts over vanilla under both protocols, then per protocol the mean (± std over seeds) of each test
     metric with the best epochs, then NDCG@10 / HR@10 by subgroup."""
     candidates = runs[0]["sampled_candidates"]
-    lines = [f"Test split of {dataset}; item tables fused by '{fuse}' where a variant names no other. Full: the target ranked among all items "
-             f"(history not masked). Sampled: among itself and {candidates - 1} items the user never interacted with "
+    lines = [f"Test split of {dataset}; item tables fused by '{fuse}' where a variant names no other. Full: the target "
+             f"ranked among all items (history not masked). Sampled: among itself and {candidates - 1} items the user never interacted with "
              f"(the same for every run). Best epochs: by validation NDCG@10 (full), '!' where a run hit --epochs "
              f"while still improving.", "",
              "Lift over vanilla: mean ± std of the per-seed lifts; * where the variant's mean is above vanilla's by "
