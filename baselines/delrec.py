@@ -15,13 +15,14 @@ tasks mixed with a dynamic weight (each task weighted by its share of the summed
 task gets more): Temporal Analysis (the history and the item that came after a gap: name the item in the
 gap) and Recommendation Pattern Simulating (name the teacher's top-1 among its top-10 and 10 random items).
 Stage 2: the soft prompt is frozen, AdaLoRA adapts the LLM to name the true next item among 20 candidates.
-Scoring: the mean log-likelihood of each candidate's name after the prompt, so every candidate gets a
-score. Items are named by title where the data has them (ml-100k), else "item <id>" (Beauty).
+Scoring: the log-likelihood of each candidate's whole name after the prompt (the sum over its tokens: the
+probability that the LLM writes that name, the order beam search would generate the candidates in), so every
+candidate gets a score. Items are named by title where the data has them (ml-100k), else "item <id>" (Beauty).
 `--no-stage1` is the paper's ablation: stage 2 with no distilled prompt.
 Two scales (--scale): on a CPU, small defaults (300 training users, their last training item, one epoch per
-stage) keep the tests and a smoke run quick; on a GPU, full ones: every user and the last 5 prefixes of its train
-split, stage 2 stopping once validation NDCG@10 (500 users' second last items, 20 candidates each) has not
-improved for 2 epochs, keeping its best epoch. --seeds 42 43 44 runs each seed and reports mean ± std.
+stage) keep the tests and a smoke run quick; on a GPU, full ones: every user and the last 20 prefixes of its train
+split, 128 samples a step, stage 2 stopping once validation NDCG@10 (500 users' second last items, 20 candidates
+each) has not improved for 3 epochs, keeping its best epoch. --seeds 42 43 44 runs each seed and reports mean ± std.
 Interrupted? The same command resumes after the last whole epoch of either stage, skipping finished seeds
 (out/<dataset>/delrec.ckpt.pt).
 """
@@ -100,8 +101,8 @@ class SoftPromptLM(nn.Module):
         return torch.cat([self.soft.to(tokens.dtype).expand(len(ids), -1, -1), tokens], 1)
 
     def target_nll(self, samples, device, per_sample=False):
-        """Mean negative log-likelihood of the samples' target tokens (`per_sample`: each sample's own mean);
-        samples are (prompt ids, target ids)."""
+        """Mean negative log-likelihood of the samples' target tokens (`per_sample`: each sample's own sum, minus
+        the log-probability of its whole target); samples are (prompt ids, target ids)."""
         L = max(len(p) + len(t) for p, t in samples)
         ids = torch.zeros(len(samples), L, dtype=torch.long)
         labels = torch.full((len(samples), L), -100)
@@ -117,7 +118,7 @@ class SoftPromptLM(nn.Module):
         if not per_sample:
             return F.cross_entropy(logits, labels[:, 1:][pred])
         nll = F.cross_entropy(logits, labels[:, 1:][pred], reduction="none")
-        return torch.zeros(len(samples), device=device).index_add_(0, pred.nonzero()[:, 0], nll) / pred.sum(1)
+        return torch.zeros(len(samples), device=device).index_add_(0, pred.nonzero()[:, 0], nll)
 
     @torch.no_grad()
     def batched_scores(self, samples, device, batch_size):
@@ -129,7 +130,7 @@ class SoftPromptLM(nn.Module):
 
     @torch.no_grad()
     def score(self, prompt, names, device):
-        """Mean log-likelihood of each name after `prompt`: the prompt runs once, its KV cache is shared."""
+        """Log-likelihood of each whole name after `prompt`: the prompt runs once, its KV cache is shared."""
         decoder, head = self.decoder_and_head()
         out = decoder(inputs_embeds=self.embed(torch.tensor([prompt], device=device)), use_cache=True)
         cache = out.past_key_values
@@ -143,7 +144,7 @@ class SoftPromptLM(nn.Module):
         logp = head(hidden).float().log_softmax(-1).gather(2, ids[..., None])[..., 0]
         lengths = torch.tensor([len(n) for n in names], device=device)
         real = torch.arange(L, device=device) < lengths[:, None]  # the names' own tokens, not padding
-        return ((logp * real).sum(1) / lengths).cpu()
+        return (logp * real).sum(1).cpu()
 
 
 def train_epoch(model, opt, batches, device, desc, first_step=0, step_hook=None):
@@ -204,10 +205,12 @@ def train_stage(stage, model, params, batches, epochs, args, device, progress, a
             break
         start = time.time()
         loss = train_epoch(model, opt, batches, device, f"stage {stage}, epoch {epoch + 1}", epoch * len(batches), hook)
+        trained = time.time()
         if validate:
             early.update(validate(), params)
-        print(f"seed {progress['seed']}, stage {stage}, epoch {epoch + 1}: last loss {loss:.3f}"
-              + (f", validation NDCG@10 {early.scores[-1]:.4f}" if validate else "") + f" ({time.time() - start:.0f} s)")
+        scored = f", validation NDCG@10 {early.scores[-1]:.4f}" if validate else ""
+        took = f"training {trained - start:.0f} s" + (f", validation {time.time() - trained:.0f} s" if validate else "")
+        print(f"seed {progress['seed']}, stage {stage}, epoch {epoch + 1}: last loss {loss:.3f}{scored} ({took})")
         progress["params"][stage] = [p.detach().cpu().clone() for p in params]
         progress["stage_losses"][stage] = loss
         save_checkpoint(progress["path"], progress["settings"], epoch + 1, [], stage=stage, loss=loss,
@@ -240,8 +243,8 @@ def rank_metrics(rank):
 
 
 # Options whose default depends on --scale: (small, for a CPU: the tests and a smoke run | full, for a GPU)
-SCALES = {"train_users": (300, 0), "prefixes": (1, 5), "stage2_epochs": (1, 8), "patience": (1, 2),
-          "batch_size": (8, 32), "valid_users": (50, 500)}
+SCALES = {"train_users": (300, 0), "prefixes": (1, 20), "stage2_epochs": (1, 20), "patience": (1, 3),
+          "batch_size": (8, 128), "lr": (1e-3, 3e-3), "valid_users": (50, 500)}
 
 
 def parse_args():
@@ -260,7 +263,7 @@ def parse_args():
     parser.add_argument("--patience", type=int, help=scaled(SCALES, "patience", "stage 2 epochs without a better "
                                                             "validation NDCG@10 before it stops"))
     parser.add_argument("--batch-size", type=int, help=scaled(SCALES, "batch_size", "samples per step"))
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--lr", type=float, help=scaled(SCALES, "lr", "AdamW learning rate"))
     parser.add_argument("--no-stage1", action="store_true", help="ablation: stage 2 without a distilled soft prompt")
     args = parser.parse_args()
     device = pick_device(args.device)

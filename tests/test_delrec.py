@@ -70,10 +70,11 @@ def test_scores_cover_every_candidate_and_match_a_full_forward(tiny):
     prompt, names = prompts.ranking([1, 2, 3], [7, 8, 9]), [prompts.name_ids(c) for c in (7, 8, 9, 123)]
     scores = model.score(prompt, names, torch.device("cpu"))
     assert scores.shape == (4,) and torch.isfinite(scores).all()
-    # the cached pass equals scoring each name with a plain forward over prompt + name
+    # the cached pass equals a plain forward over prompt + name: the log-likelihood of the whole name, the sum of
+    # its tokens' (the forward's mean times the name's length)
     with torch.no_grad():
         for score, name in zip(scores, names):
-            nll = model.target_nll([(prompt, name)], torch.device("cpu")).item()
+            nll = model.target_nll([(prompt, name)], torch.device("cpu")).item() * len(name)
             assert -score.item() == pytest.approx(nll, rel=1e-4)
     # the GPU route: every (prompt, name) pair in padded batches, prompts of different lengths mixed
     other = prompts.ranking([4, 5], [7, 8])
