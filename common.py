@@ -1091,6 +1091,37 @@ class EarlyStopping:
         return {"scores": self.scores, "best_epoch": self.best_epoch, "best_params": self.best_params}
 
 
+def fit_batch_size(trial_step, params, batch_size, device):
+    """On a GPU, the largest batch size up to `batch_size` whose training step fits in the free memory, halving it
+    after each out-of-memory error, as 03_sft.py fits its token budget (a larger --llm does not fit 128 prompts a
+    step); a CPU keeps `batch_size`. `trial_step(n)`: forward and backward on the n longest samples; the gradients
+    it leaves on `params` are cleared, so training starts as if it had not run."""
+    if device.type != "cuda":
+        return batch_size
+    size = batch_size
+    while size > 0:
+        try:
+            trial_step(size)
+            break
+        except torch.OutOfMemoryError:
+            size //= 2
+        finally:
+            for param in params:
+                param.grad = None
+            torch.cuda.empty_cache()
+    if size == 0:
+        raise UserError("even one training sample does not fit in the GPU's free memory: use a smaller --llm or "
+                        "shorter prompts")
+    if size < batch_size:
+        print(f"--batch-size {batch_size} does not fit in the GPU's free memory: {size} samples a step")
+    return size
+
+
+def longest(samples, n, length):
+    """The `n` samples with the most tokens (`length(sample)`): a trial step on them needs the most memory."""
+    return sorted(samples, key=length)[-n:]
+
+
 def scoring_batch(args, device):
     """Sequences per step when an LLM baseline scores candidates: on a GPU 4 x --batch-size (no gradients), every
     candidate's prompt whole; on a CPU 0, meaning case by case, a prompt's cache shared by its candidates."""

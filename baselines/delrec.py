@@ -19,12 +19,12 @@ Scoring: the log-likelihood of each candidate's whole name after the prompt (the
 probability that the LLM writes that name, the order beam search would generate the candidates in), so every
 candidate gets a score. Items are named by title where the data has them (ml-100k), else "item <id>" (Beauty).
 `--no-stage1` is the paper's ablation: stage 2 with no distilled prompt.
-Two scales (--scale): on a CPU, small defaults (300 training users, their last training item, one epoch per
-stage) keep the tests and a smoke run quick; on a GPU, full ones: every user and the last 20 prefixes of its train
-split, 128 samples a step, stage 2 stopping once validation NDCG@10 (500 users' second last items, 20 candidates
-each) has not improved for 3 epochs, keeping its best epoch. --seeds 42 43 44 runs each seed and reports mean ± std.
-Interrupted? The same command resumes after the last whole epoch of either stage, skipping finished seeds
-(out/<dataset>/delrec.ckpt.pt).
+Two scales (--scale): on a CPU, small defaults (300 training users, their last training item, one epoch per stage)
+keep the tests and a smoke run quick; on a GPU, full ones: every user and the last 20 prefixes of its train split,
+128 samples a step (halved until a step fits the GPU's free memory), stage 2 stopping once validation NDCG@10 (500
+users' second last items, 20 candidates each) has not improved for 3 epochs, keeping its best epoch. --seeds 42 43
+44 runs each seed and reports mean ± std. Interrupted? The same command resumes after the last whole epoch of either
+stage, skipping finished seeds (out/<dataset>/delrec.ckpt.pt).
 """
 import argparse
 import math
@@ -42,9 +42,10 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (EarlyStopping, UserError, add_common_args, add_scale_args, candidate_rank,  # noqa: E402
                     candidate_set, check_nonnegative, check_positive, expected_at_random, fill_scale_defaults,
-                    load_dataset, load_llm, load_teacher_and_student, pick_device, pick_users, popularity_scores,
-                    random_unseen, ranking_cases, reference_scores, run_main, run_seeds, sasrec_scores, save_atomic,
-                    save_checkpoint, scaled, scoring_batch, seed_everything, set_rng_state, stage_dir, train_prefixes)
+                    fit_batch_size, load_dataset, load_llm, load_teacher_and_student, longest, pick_device,
+                    pick_users, popularity_scores, random_unseen, ranking_cases, reference_scores, run_main,
+                    run_seeds, sasrec_scores, save_atomic, save_checkpoint, scaled, scoring_batch, seed_everything,
+                    set_rng_state, stage_dir, train_prefixes)
 
 KS = (1, 5, 10)
 
@@ -232,6 +233,11 @@ def add_adalora(model, total_step):
     return [p for p in model.llm.parameters() if p.requires_grad], model.llm.base_model.rankallocator
 
 
+def sample_tokens(sample):
+    prompt, target = sample
+    return len(prompt) + len(target)
+
+
 def chunks(samples, size):
     return [samples[i:i + size] for i in range(0, len(samples), size)]
 
@@ -348,6 +354,9 @@ def run_seed(seed, args, data, device, references, progress):
     if not args.no_stage1:  # stage 1: only the soft prompt learns (its samples are drawn again on resuming, alike)
         temporal, simulated = stage1_samples(seqs, users, prompts, references["SASRec teacher"], num_items, args.candidates,
                                              args.prefixes, rng)
+        args.batch_size = fit_batch_size(lambda n: sum(model.target_nll(longest(task, n, sample_tokens), device)
+                                                       for task in (temporal, simulated)).backward(),
+                                         [model.soft], args.batch_size, device)
         batches = [list(pair) for pair in zip(chunks(temporal, args.batch_size), chunks(simulated, args.batch_size))]
         loss, _ = train_stage(1, model, [model.soft], batches, args.stage1_epochs, args, device, progress)
         print(f"seed {seed}, stage 1: {len(temporal)} temporal + {len(simulated)} simulating samples, last loss {loss:.3f}")
@@ -359,8 +368,11 @@ def run_seed(seed, args, data, device, references, progress):
     # stage 2: the soft prompt is frozen, AdaLoRA adapts the LLM to name the true next item
     model.soft.requires_grad_(False)
     recs = stage2_samples(seqs, users, prompts, num_items, args.candidates, args.prefixes, rng)
+    params, allocator = add_adalora(model, math.ceil(len(recs) / args.batch_size) * args.stage2_epochs)
+    args.batch_size = fit_batch_size(lambda n: model.target_nll(longest(recs, n, sample_tokens), device).backward(),
+                                     params, args.batch_size, device)
     batches = [[batch] for batch in chunks(recs, args.batch_size)]
-    params, allocator = add_adalora(model, len(batches) * args.stage2_epochs)
+    allocator.set_total_step(len(batches) * args.stage2_epochs)  # the rank budget's schedule spans the steps run
     valid = ranking_cases(seqs, pick_users(len(seqs), args.valid_users, random.Random(seed + 2)), num_items,
                           args.candidates, random.Random(seed + 3), "valid")
 

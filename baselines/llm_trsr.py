@@ -24,12 +24,13 @@ training prefix and "No" for a random item the user never touched (1:1). Score =
 "No" logits. Test: the true next item and `--candidates`-1 random unseen items, Recall and MRR at 3/5/10, with
 the SASRec teacher and the P2Rec student scored on the same candidates, beside popularity and a random order.
 
-Two scales (--scale): on a CPU, small defaults (200 training users and their last training item, one epoch,
-200 test users) keep the tests and a smoke run quick; on a GPU, full ones: every user and the last 5 prefixes
-of its train split, 128 samples a step, the LoRA stopping once validation MRR@10 (500 users' second last items)
-has not improved for 3 epochs, keeping its best epoch, and every user tested. --seeds 42 43 44 reports mean ± std.
-Interrupted? The same command resumes: summaries come from their cache, finished seeds are kept, the LoRA
-resumes from its last whole epoch (out/<dataset>/llm_trsr_<paradigm>.ckpt.pt).
+Two scales (--scale): on a CPU, small defaults (200 training users and their last training item, one epoch, 200
+test users) keep the tests and a smoke run quick; on a GPU, full ones: every user and the last 5 prefixes of its
+train split, 128 samples a step (halved until a step fits the GPU's free memory), the LoRA stopping once
+validation MRR@10 (500 users' second last items) has not improved for 3 epochs, keeping its best epoch, and
+every user tested. --seeds 42 43 44 reports mean ± std. Interrupted? The same command resumes: summaries come
+from their cache, finished seeds are kept, the LoRA resumes from its last whole epoch
+(out/<dataset>/llm_trsr_<paradigm>.ckpt.pt).
 """
 import argparse
 import json
@@ -45,11 +46,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (EarlyStopping, UserError, add_common_args, add_scale_args, candidate_rank,  # noqa: E402
-                    check_nonnegative, check_positive, expected_at_random, fill_scale_defaults, llm_fingerprint,
-                    load_dataset, load_llm, load_teacher_and_student, matmul_dtype, pick_device, pick_users,
-                    popularity_scores, random_unseen, ranking_cases, reference_scores, run_main, run_seeds,
-                    save_atomic, save_checkpoint, scaled, scoring_batch, seed_everything, set_rng_state, stage_dir,
-                    train_prefixes)
+                    check_nonnegative, check_positive, expected_at_random, fill_scale_defaults, fit_batch_size,
+                    llm_fingerprint, load_dataset, load_llm, load_teacher_and_student, longest, matmul_dtype,
+                    pick_device, pick_users, popularity_scores, random_unseen, ranking_cases, reference_scores,
+                    run_main, run_seeds, save_atomic, save_checkpoint, scaled, scoring_batch, seed_everything,
+                    set_rng_state, stage_dir, train_prefixes)
 
 KS = (3, 5, 10)
 PARADIGMS = ("hierarchical", "recurrent")
@@ -238,6 +239,13 @@ def yes_probabilities(llm, prompts, answers, device, batch_size):
                       for i in range(0, len(prompts), batch_size)])
 
 
+def batch_loss(llm, batch, answers, device):
+    """Cross-entropy of the answer token ("Yes" or "No") after each (prompt ids, answer) of the batch, over the
+    whole vocabulary."""
+    targets = torch.tensor([answers[label] for _, label in batch], device=device)
+    return F.cross_entropy(last_token_logits(llm, [p for p, _ in batch], device), targets)
+
+
 def train(llm, params, samples, answers, args, device, progress, validate):
     """AdamW on the cross-entropy of the answer token ("Yes" or "No") after each prompt, over the vocabulary, for
     up to --epochs epochs; stops once `validate()` has not improved for --patience epochs and keeps the best epoch.
@@ -261,8 +269,7 @@ def train(llm, params, samples, answers, args, device, progress, validate):
         random.Random(progress["seed"] + epoch).shuffle(order)
         batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
         for batch in tqdm(batches, desc=f"LoRA epoch {epoch + 1}", leave=False):
-            targets = torch.tensor([answers[label] for _, label in batch], device=device)
-            step_loss = F.cross_entropy(last_token_logits(llm, [p for p, _ in batch], device), targets)
+            step_loss = batch_loss(llm, batch, answers, device)
             opt.zero_grad(set_to_none=True)
             step_loss.backward()
             opt.step()
@@ -395,6 +402,9 @@ def run_seed(seed, args, data, device, references, progress):
     samples = [(texts.user_ids(summary, history[-args.recent:]) + texts.candidate_ids(item), answer)
                for (_, history, item, answer), summary in zip(pairs, train_summaries)]
     llm, params = add_lora(llm)
+    # the batch that fits the GPU's free memory; in args, so that validation batches and the metrics JSON follow it
+    args.batch_size = fit_batch_size(lambda n: batch_loss(llm, longest(samples, n, lambda s: len(s[0])), answers,
+                                                          device).backward(), params, args.batch_size, device)
     if progress["resumed"] is not None:
         set_rng_state(progress["resumed"]["rng"])
         print(f"resuming from {progress['path']}: seed {seed}, epoch {progress['resumed']['epoch']} was done")

@@ -51,6 +51,23 @@ def kill_when_checkpointed(script, args, checkpoint, timeout=300, ready=None):
     proc.wait()
 
 
+def run_on_a_gpu_that_fits(module, args, fits, monkeypatch):
+    """Run a baseline's main() in this process as on a GPU whose free memory holds `fits` samples a training step:
+    each trial step of common.fit_batch_size runs for real (on the CPU), and a larger one raises out-of-memory."""
+    import common
+
+    def fit_batch_size(trial_step, params, batch_size, device):
+        def trial(n):
+            trial_step(n)
+            if n > fits:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+        return common.fit_batch_size(trial, params, batch_size, torch.device("cuda"))
+
+    monkeypatch.setattr(module, "fit_batch_size", fit_batch_size)
+    monkeypatch.setattr(sys, "argv", [module.__file__, *map(str, args)])
+    module.main()
+
+
 def baseline_whole_and_resumed(pipeline, tmp_path, script, args, name, ready=None):
     """Run a baseline script (`args` after --data/--out) once whole, and once killed when its first epoch
     checkpoint (out/synth/<name>.ckpt.pt) exists (and `ready` holds: kill_when_checkpointed) and then run again;

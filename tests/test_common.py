@@ -4,11 +4,12 @@ import torch
 
 import pytest
 
-from common import (NEGATIVE_DRAWS, EarlyStopping, ItemEmbedding, LoRALLM, PromptBuilder, RunGroup, SASRec, bce_negatives,
-                    eval_split, fill_scale_defaults, graph_widths, left_pad, load_llm, negative_draws, pack_prompts,
-                    popularity_scores, preference_kl, rank_metrics, ranking_cases, run_losses, sampled_negatives,
-                    sampled_ranks, seeds_mean_std, split_user, stack_batches, target_ranks, token_batches, train_pairs,
-                    train_popularity, train_prefixes, train_tensors, trim_padding)
+from common import (EarlyStopping, ItemEmbedding, LoRALLM, NEGATIVE_DRAWS, PromptBuilder, RunGroup, SASRec, UserError,
+                    bce_negatives, eval_split, fill_scale_defaults, fit_batch_size, graph_widths, left_pad, load_llm,
+                    longest, negative_draws, pack_prompts, popularity_scores, preference_kl, rank_metrics,
+                    ranking_cases, run_losses, sampled_negatives, sampled_ranks, seeds_mean_std, split_user,
+                    stack_batches, target_ranks, token_batches, train_pairs, train_popularity, train_prefixes,
+                    train_tensors, trim_padding)
 
 
 def test_rank_metrics_hand_computed():
@@ -229,3 +230,21 @@ def test_seeds_mean_std():
     mean, std = seeds_mean_std({1: {"a": {"HR@10": 0.2}}, 2: {"a": {"HR@10": 0.4}}})
     assert mean["a"]["HR@10"] == pytest.approx(0.3) and std["a"]["HR@10"] == pytest.approx(0.1414, abs=1e-4)
     assert seeds_mean_std({1: {"a": {"HR@10": 0.2}}})[1]["a"]["HR@10"] == 0.0
+
+
+def test_batch_size_halves_until_a_trial_step_fits_and_clears_its_gradients():
+    weight = torch.nn.Parameter(torch.ones(3))
+    tried = []
+
+    def trial_step(n):  # a GPU whose memory holds 40 samples a step
+        tried.append(n)
+        (weight * n).sum().backward()
+        if n > 40:
+            raise torch.OutOfMemoryError("out of memory")
+
+    assert fit_batch_size(trial_step, [weight], 128, torch.device("cuda")) == 32
+    assert tried == [128, 64, 32] and weight.grad is None
+    assert fit_batch_size(trial_step, [weight], 128, torch.device("cpu")) == 128 and tried[-1] == 32  # no trial
+    with pytest.raises(UserError, match="does not fit"):
+        fit_batch_size(lambda n: trial_step(1000), [weight], 4, torch.device("cuda"))
+    assert longest([[1], [1, 2, 3], [1, 2]], 2, len) == [[1, 2], [1, 2, 3]]
