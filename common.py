@@ -1095,10 +1095,11 @@ def fit_batch_size(trial_step, params, batch_size, device):
     """On a GPU, the largest batch size up to `batch_size` whose training step fits in the free memory, halving it
     after each out-of-memory error, as 03_sft.py fits its token budget (a larger --llm does not fit 128 prompts a
     step); a CPU keeps `batch_size`. `trial_step(n)`: forward and backward on the n longest samples; the gradients
-    it leaves on `params` are cleared, so training starts as if it had not run."""
+    it leaves on `params` are cleared and the random state (dropout draws) restored, so training starts as if it had
+    not run."""
     if device.type != "cuda":
         return batch_size
-    size = batch_size
+    state, size = rng_state(), batch_size
     while size > 0:
         try:
             trial_step(size)
@@ -1109,6 +1110,7 @@ def fit_batch_size(trial_step, params, batch_size, device):
             for param in params:
                 param.grad = None
             torch.cuda.empty_cache()
+    set_rng_state(state)
     if size == 0:
         raise UserError("even one training sample does not fit in the GPU's free memory: use a smaller --llm or "
                         "shorter prompts")

@@ -238,12 +238,16 @@ def test_batch_size_halves_until_a_trial_step_fits_and_clears_its_gradients():
 
     def trial_step(n):  # a GPU whose memory holds 40 samples a step
         tried.append(n)
-        (weight * n).sum().backward()
+        (weight * torch.rand(3) * n).sum().backward()  # dropout draws from the random state
         if n > 40:
             raise torch.OutOfMemoryError("out of memory")
 
+    torch.manual_seed(0)
     assert fit_batch_size(trial_step, [weight], 128, torch.device("cuda")) == 32
     assert tried == [128, 64, 32] and weight.grad is None
+    after = torch.rand(2)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(2))  # the trial steps' random draws were undone
     assert fit_batch_size(trial_step, [weight], 128, torch.device("cpu")) == 128 and tried[-1] == 32  # no trial
     with pytest.raises(UserError, match="does not fit"):
         fit_batch_size(lambda n: trial_step(1000), [weight], 4, torch.device("cuda"))
