@@ -11,7 +11,8 @@ Writes out/<dataset>/llm_trsr_summaries.json (the summary cache), llm_trsr_<para
 $ python baselines/llm_trsr.py --data ml-100k --paradigm hierarchical
 
 Summaries: the history is cut into blocks of `--block-size` items from its start (the last block may be
-shorter) and the last `--max-blocks` blocks are summarised, at most `--summary-tokens` new tokens each:
+shorter; `--whole-blocks` leaves it to the recent items) and the last `--max-blocks` blocks are summarised, at
+most `--summary-tokens` new tokens each:
   hierarchical  summarise every block on its own, then merge the block summaries into one;
   recurrent     summarise the first block, then update that summary with each following block.
 Blocks start at fixed positions, so a block (and a recurrent summary of the same blocks) reads the same
@@ -57,10 +58,15 @@ PARADIGMS = ("hierarchical", "recurrent")
 SLOT = "\x00"  # stands for the user's text while the chat template is rendered once
 
 
-def split_blocks(history, size, max_blocks):
-    """Blocks of `size` items cut from the start of the history (the last may be shorter); the last
-    `max_blocks` of them."""
+def split_blocks(history, size, max_blocks, whole=False):
+    """Blocks of `size` items cut from the start of the history (the last may be shorter, or with `whole` left out);
+    the last `max_blocks` of them."""
+    if whole:
+        history = history[:len(history) // size * size]
     return [history[i:i + size] for i in range(0, len(history), size)][-max_blocks:]
+
+
+NO_SUMMARY = "not summarised yet (fewer items than one block)"  # --whole-blocks, a history shorter than a block
 
 
 class Texts:
@@ -159,21 +165,25 @@ class Summarizer:
                                 do_sample=False, pad_token_id=pad)
         return [" ".join(tok.decode(row, skip_special_tokens=True).split()) for row in out[:, width:]]
 
+    def blocks(self, histories):
+        return [split_blocks(h, self.args.block_size, self.args.max_blocks, self.args.whole_blocks) for h in histories]
+
     def hierarchical(self, histories):
-        blocks = [split_blocks(h, self.args.block_size, self.args.max_blocks) for h in histories]
+        blocks = self.blocks(histories)
         self.run({block_key(b): self.texts.block(b) for bs in blocks for b in bs}, "summarise blocks")
         merged = {merged_key(bs): self.texts.merge([self.cache[block_key(b)] for b in bs])
                   for bs in blocks if len(bs) > 1}
         self.run(merged, "merge summaries")
-        return [self.cache[merged_key(bs) if len(bs) > 1 else block_key(bs[0])] for bs in blocks]
+        return [self.cache[merged_key(bs) if len(bs) > 1 else block_key(bs[0])] if bs else NO_SUMMARY
+                for bs in blocks]
 
     def recurrent(self, histories):
-        blocks = [split_blocks(h, self.args.block_size, self.args.max_blocks) for h in histories]
-        self.run({block_key(bs[0]): self.texts.block(bs[0]) for bs in blocks}, "summarise block 1")
+        blocks = self.blocks(histories)
+        self.run({block_key(bs[0]): self.texts.block(bs[0]) for bs in blocks if bs}, "summarise block 1")
         for step in range(1, self.args.max_blocks):  # one batched pass per block position
             self.run({key_so_far(bs[:step + 1]): self.texts.update(self.cache[key_so_far(bs[:step])], bs[step])
                       for bs in blocks if len(bs) > step}, f"update with block {step + 1}")
-        return [self.cache[key_so_far(bs)] for bs in blocks]
+        return [self.cache[key_so_far(bs)] if bs else NO_SUMMARY for bs in blocks]
 
 
 def block_key(block):
@@ -320,6 +330,10 @@ def parse_args():
     parser.add_argument("--paradigm", default="hierarchical", choices=PARADIGMS, help="how blocks are summarised")
     parser.add_argument("--block-size", type=int, default=5, help="items per block")
     parser.add_argument("--max-blocks", type=int, default=5, help="the last this many blocks are summarised")
+    parser.add_argument("--whole-blocks", action="store_true", help="summarise whole blocks only, leaving a last, "
+                        "shorter block to the recent items listed beside the summary (all of it is there while --recent "
+                        ">= --block-size - 1): a user's prefixes then share summaries, and short histories need far fewer "
+                        "generations. A departure from the paper, which summarises the shorter block too")
     parser.add_argument("--summary-tokens", type=int, default=32, help="new tokens per generated summary (cap)")
     parser.add_argument("--generate-batch", type=int, help=scaled(SCALES, "generate_batch", "prompts per generation batch"))
     parser.add_argument("--recent", type=int, default=5, help="most recent items listed beside the summary")

@@ -36,8 +36,9 @@ def tiny(tiny_llm):
 class RecordingSummarizer(llm_trsr.Summarizer):
     """Returns a text naming the prompt it was given instead of generating, so tests can follow the chain."""
 
-    def __init__(self, texts, path, settings=None):
-        args = types.SimpleNamespace(block_size=5, max_blocks=5, generate_batch=4, summary_tokens=4)
+    def __init__(self, texts, path, settings=None, whole_blocks=False):
+        args = types.SimpleNamespace(block_size=5, max_blocks=5, generate_batch=4, summary_tokens=4,
+                                     whole_blocks=whole_blocks)
         super().__init__(None, texts, args, torch.device("cpu"), str(path), settings or {"v": 1})
         self.prompts = []
 
@@ -70,6 +71,17 @@ def test_recurrent_updates_one_summary_block_by_block(tiny, tmp_path):
     [summary] = s.recurrent([list(range(1, 13))])
     assert s.prompts == [texts.block([1, 2, 3, 4, 5]), texts.update("S0", [6, 7, 8, 9, 10]), texts.update("S1", [11, 12])]
     assert summary == "S2"
+
+
+def test_whole_blocks_leave_the_shorter_last_block_to_the_recent_items(tiny, tmp_path):
+    _, texts = tiny
+    assert llm_trsr.split_blocks(list(range(1, 13)), 5, 5, whole=True) == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    histories = [list(range(1, 11)), list(range(1, 13)), [1, 2, 3]]  # two prefixes of one user, and a short one
+    for paradigm, generated in (("hierarchical", 3), ("recurrent", 2)):  # 2 blocks + their merge | block + update
+        s = RecordingSummarizer(texts, tmp_path / f"{paradigm}.json", whole_blocks=True)
+        summaries = getattr(s, paradigm)(histories)
+        assert summaries[0] == summaries[1] != llm_trsr.NO_SUMMARY and summaries[2] == llm_trsr.NO_SUMMARY
+        assert len(s.prompts) == generated
 
 
 def test_summary_cache_is_reused_and_dropped_when_settings_change(tiny, tmp_path):
@@ -174,10 +186,11 @@ def test_random_expectation_is_the_mean_over_ranks():
     assert m["Recall@10"] == pytest.approx(10 / 21) and m["MRR@3"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 21)
 
 
-@pytest.mark.parametrize("paradigm", llm_trsr.PARADIGMS)
-def test_end_to_end(pipeline, tmp_path, tiny_llm, paradigm):
+@pytest.mark.parametrize("paradigm, options", [("hierarchical", []), ("recurrent", ["--whole-blocks"])])
+def test_end_to_end(pipeline, tmp_path, tiny_llm, paradigm, options):
     out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt", "student.pt")
-    common = ["--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, "--paradigm", paradigm, *ARGS]
+    common = ["--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, "--paradigm", paradigm, *ARGS,
+              *options]
     proc = run_stage("baselines/llm_trsr.py", *common)
     result = json.loads((out / "synth" / f"llm_trsr_{paradigm}_metrics.json").read_text())
     assert set(result["metrics"]) == {"random (expected)", "popularity", "SASRec teacher", "P2Rec student",
