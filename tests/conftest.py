@@ -51,9 +51,10 @@ def kill_when_checkpointed(script, args, checkpoint, timeout=300, ready=None):
     proc.wait()
 
 
-def run_on_a_gpu_that_fits(module, args, fits, monkeypatch):
-    """Run a baseline's main() in this process as on a GPU whose free memory holds `fits` samples a training step:
-    each trial step of common.fit_batch_size runs for real (on the CPU), and a larger one raises out-of-memory."""
+def batch_on_a_gpu_that_fits(module, pipeline, tmp_path, args, metrics, fits, monkeypatch, capsys):
+    """Run a baseline's main() in this process, on the synthetic pipeline's artifacts, as on a GPU whose free memory
+    holds `fits` samples a training step: each trial step of common.fit_batch_size runs for real (on the CPU), and
+    a larger one raises out-of-memory. Returns what the run printed and the batch size its `metrics` JSON records."""
     import common
 
     def fit_batch_size(trial_step, params, batch_size, device):
@@ -63,9 +64,12 @@ def run_on_a_gpu_that_fits(module, args, fits, monkeypatch):
                 raise torch.OutOfMemoryError("CUDA out of memory")
         return common.fit_batch_size(trial, params, batch_size, torch.device("cuda"))
 
+    out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt", "student.pt")
     monkeypatch.setattr(module, "fit_batch_size", fit_batch_size)
-    monkeypatch.setattr(sys, "argv", [module.__file__, *map(str, args)])
+    monkeypatch.setattr(sys, "argv", [module.__file__, "--data", "synth", "--out", str(out), "--device", "cpu",
+                                      *map(str, args)])
     module.main()
+    return capsys.readouterr().out, json.loads((out / "synth" / metrics).read_text())["args"]["batch_size"]
 
 
 def baseline_whole_and_resumed(pipeline, tmp_path, script, args, name, ready=None):

@@ -5,7 +5,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, baseline_whole_and_resumed, copy_artifacts, run_on_a_gpu_that_fits, run_stage
+from conftest import (ROOT, baseline_whole_and_resumed, batch_on_a_gpu_that_fits, copy_artifacts,
+                      run_stage)
 
 sys.path.insert(0, ROOT + "/baselines")
 import delrec  # noqa: E402
@@ -116,11 +117,9 @@ def test_end_to_end_with_adalora(pipeline, tmp_path, tiny_llm):
 
 def test_a_batch_too_large_for_the_gpu_halves_until_its_step_fits(pipeline, tmp_path, tiny_llm, monkeypatch, capsys):
     """Stage 1's trial steps (both tasks, the longest samples) and stage 2's (AdaLoRA) run; 8 does not fit, 4 does."""
-    out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt", "student.pt")
-    run_on_a_gpu_that_fits(delrec, ["--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, *ARGS], 4,
-                           monkeypatch)
-    assert "--batch-size 8 does not fit in the GPU's free memory: 4 samples a step" in capsys.readouterr().out
-    assert json.loads((out / "synth" / "delrec_metrics.json").read_text())["args"]["batch_size"] == 4
+    printed, used = batch_on_a_gpu_that_fits(delrec, pipeline, tmp_path, ["--llm", tiny_llm, *ARGS],
+                                             "delrec_metrics.json", 4, monkeypatch, capsys)
+    assert "--batch-size 8 does not fit in the GPU's free memory: 4 samples a step" in printed and used == 4
 
 
 def test_killed_run_resumes_to_the_same_metrics(pipeline, tmp_path, tiny_llm):
