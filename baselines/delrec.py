@@ -102,8 +102,8 @@ class SoftPromptLM(nn.Module):
         return torch.cat([self.soft.to(tokens.dtype).expand(len(ids), -1, -1), tokens], 1)
 
     def target_nll(self, samples, device, per_sample=False):
-        """Mean negative log-likelihood of the samples' target tokens (`per_sample`: each sample's own sum, minus
-        the log-probability of its whole target); samples are (prompt ids, target ids)."""
+        """Mean negative log-likelihood of the samples' target tokens; `per_sample`: each sample's summed over its
+        target tokens, minus the log-probability of its whole target. Samples are (prompt ids, target ids)."""
         L = max(len(p) + len(t) for p, t in samples)
         ids = torch.zeros(len(samples), L, dtype=torch.long)
         labels = torch.full((len(samples), L), -100)
