@@ -1206,6 +1206,20 @@ def reference_scores(system, history, cands):
     return sasrec_scores(system, history, cands)
 
 
+def rank_systems(systems, model, model_scores, cases, metrics_of_rank, desc):
+    """Mean metrics per system over `cases` (ranking_cases): every system ranks the same candidates. The LLM
+    baseline `model` brings its scores of each case's candidates (`model_scores`, one tensor per case), the others
+    are scored here (reference_scores); `metrics_of_rank` turns the target's 0-based rank into metrics."""
+    totals = {name: Counter() for name, m in systems.items() if m is not None}  # update() adds
+    for case, (_, history, target, cands) in enumerate(tqdm(cases, desc=desc, leave=False)):
+        for name, m in systems.items():
+            if m is None:
+                continue
+            scores = model_scores[case] if m is model else reference_scores(m, history, cands)
+            totals[name].update(metrics_of_rank(candidate_rank(scores, cands.index(target))))  # ties count against it
+    return {name: {k: v / len(cases) for k, v in t.items()} for name, t in totals.items()}
+
+
 # ----------------------------------------------------------------------------- the LLM
 
 def resolve_llm_path(llm):

@@ -40,12 +40,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (EarlyStopping, UserError, add_common_args, add_scale_args, candidate_rank,  # noqa: E402
-                    candidate_set, check_nonnegative, check_positive, expected_at_random, fill_scale_defaults,
-                    fit_batch_size, load_dataset, load_llm, load_teacher_and_student, longest, pick_device,
-                    pick_users, popularity_scores, random_unseen, ranking_cases, reference_scores, run_main,
-                    run_seeds, sasrec_scores, save_atomic, save_checkpoint, scaled, scoring_batch, seed_everything,
-                    set_rng_state, stage_dir, train_prefixes)
+from common import (EarlyStopping, UserError, add_common_args, add_scale_args, candidate_set,  # noqa: E402
+                    check_nonnegative, check_positive, expected_at_random, fill_scale_defaults, fit_batch_size,
+                    load_dataset, load_llm, load_teacher_and_student, longest, pick_device, pick_users,
+                    popularity_scores, random_unseen, rank_systems, ranking_cases, run_main, run_seeds, sasrec_scores,
+                    save_atomic, save_checkpoint, scaled, scoring_batch, seed_everything, set_rng_state, stage_dir,
+                    train_prefixes)
 
 KS = (1, 5, 10)
 
@@ -309,27 +309,14 @@ def stage2_samples(seqs, users, prompts, num_items, candidates, prefixes, rng):
 
 
 def model_scores(model, prompts, cases, device, batch_size):
-    """DELRec's score of every candidate of every case: on a CPU case by case, each prompt's cache shared by its
-    candidates (the least arithmetic); on a GPU all cases in large batches (SoftPromptLM.batched_scores)."""
+    """DELRec's score of every candidate of every case: on a CPU (`batch_size` 0) case by case, each prompt's cache
+    shared by its candidates (the least arithmetic); on a GPU all cases in large batches (SoftPromptLM.batched_scores)."""
+    ranking = [prompts.ranking(history, cands) for _, history, _, cands in cases]  # each case's prompt, once
     if batch_size == 0:
-        return [model.score(prompts.ranking(history, cands), [prompts.name_ids(c) for c in cands], device)
-                for _, history, _, cands in tqdm(cases, desc="score", leave=False)]
-    pairs = [(prompts.ranking(history, cands), prompts.name_ids(c)) for _, history, _, cands in cases for c in cands]
+        return [model.score(prompt, [prompts.name_ids(c) for c in case[3]], device)
+                for prompt, case in tqdm(list(zip(ranking, cases)), desc="score", leave=False)]
+    pairs = [(prompt, prompts.name_ids(c)) for prompt, case in zip(ranking, cases) for c in case[3]]
     return model.batched_scores(pairs, device, batch_size).split([len(case[3]) for case in cases])
-
-
-def rank_systems(systems, model, prompts, cases, device, desc, batch_size):
-    """Mean metrics per system over `cases` (common.ranking_cases): every system ranks the same candidates.
-    `batch_size`: sequences per step of DELRec's scoring, 0 to score case by case (model_scores)."""
-    totals = {name: Counter() for name, m in systems.items() if m is not None}  # update() adds
-    llm_scores = model_scores(model, prompts, cases, device, batch_size)
-    for case, (_, history, target, cands) in enumerate(tqdm(cases, desc=desc, leave=False)):
-        for name, m in systems.items():
-            if m is None:
-                continue
-            scores = llm_scores[case] if m is model else reference_scores(m, history, cands)
-            totals[name].update(rank_metrics(candidate_rank(scores, cands.index(target))))
-    return {name: {k: v / len(cases) for k, v in t.items()} for name, t in totals.items()}
 
 
 def run_seed(seed, args, data, device, references, progress):
@@ -378,8 +365,8 @@ def run_seed(seed, args, data, device, references, progress):
 
     def validate():
         model.eval()
-        batch = scoring_batch(args, device)
-        return rank_systems({"DELRec": model}, model, prompts, valid, device, "validate", batch)["DELRec"]["NDCG@10"]
+        scores = model_scores(model, prompts, valid, device, scoring_batch(args, device))
+        return rank_systems({"DELRec": model}, model, scores, valid, rank_metrics, "validate")["DELRec"]["NDCG@10"]
 
     loss, early = train_stage(2, model, params, batches, args.stage2_epochs, args, device, progress, allocator, validate)
     print(f"seed {seed}, stage 2: {len(recs)} samples, last loss {loss:.3f}, best epoch {early.best_epoch} of "
@@ -389,7 +376,8 @@ def run_seed(seed, args, data, device, references, progress):
     test = ranking_cases(seqs, pick_users(len(seqs), args.test_users, random.Random(seed + 4)), num_items,
                          args.candidates, random.Random(seed + 1), "test")
     systems = {"popularity": popularity_scores(seqs, num_items, seed), **references, "DELRec": model}
-    result = rank_systems(systems, model, prompts, test, device, "test", scoring_batch(args, device))
+    scores = model_scores(model, prompts, test, device, scoring_batch(args, device))
+    result = rank_systems(systems, model, scores, test, rank_metrics, "test")
     result["DELRec, no stage 1" if args.no_stage1 else "DELRec"] = result.pop("DELRec")
     return {"metrics": {**result, "random (expected)": expected_at_random(rank_metrics, args.candidates)},
             "best_epoch": early.best_epoch, "valid_ndcg10": early.scores, "test_users": len(test)}

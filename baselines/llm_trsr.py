@@ -39,19 +39,17 @@ import os
 import random
 import sys
 import time
-from collections import Counter
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (EarlyStopping, UserError, add_common_args, add_scale_args, candidate_rank,  # noqa: E402
-                    check_nonnegative, check_positive, expected_at_random, fill_scale_defaults, fit_batch_size,
-                    llm_fingerprint, load_dataset, load_llm, load_teacher_and_student, longest, matmul_dtype,
-                    pick_device, pick_users, popularity_scores, random_unseen, ranking_cases, reference_scores,
-                    run_main, run_seeds, save_atomic, save_checkpoint, scaled, scoring_batch, seed_everything,
-                    set_rng_state, stage_dir, train_prefixes)
+from common import (EarlyStopping, UserError, add_common_args, add_scale_args, check_nonnegative,  # noqa: E402
+                    check_positive, expected_at_random, fill_scale_defaults, fit_batch_size, llm_fingerprint,
+                    load_dataset, load_llm, load_teacher_and_student, longest, matmul_dtype, pick_device, pick_users,
+                    popularity_scores, random_unseen, rank_systems, ranking_cases, run_main, run_seeds, save_atomic,
+                    save_checkpoint, scaled, scoring_batch, seed_everything, set_rng_state, stage_dir, train_prefixes)
 
 KS = (3, 5, 10)
 PARADIGMS = ("hierarchical", "recurrent")
@@ -369,20 +367,6 @@ def llm_scores(llm, texts, answers, cases, summaries, args, device, batch_size):
         [len(case[3]) for case in cases])
 
 
-def rank_systems(systems, llm, texts, answers, cases, summaries, args, device, desc):
-    """Mean metrics per system over `cases` (common.ranking_cases) and their histories' summaries: every system
-    ranks the same candidates."""
-    totals = {name: Counter() for name, m in systems.items() if m is not None}  # update() adds
-    scored = llm_scores(llm, texts, answers, cases, summaries, args, device, scoring_batch(args, device))
-    for case, (_, history, target, cands) in enumerate(tqdm(cases, desc=desc, leave=False)):
-        for name, m in systems.items():
-            if m is None:
-                continue
-            scores = scored[case] if m is llm else reference_scores(m, history, cands)
-            totals[name].update(ranking_metrics(candidate_rank(scores, cands.index(target))))  # ties count against it
-    return {name: {k: v / len(cases) for k, v in t.items()} for name, t in totals.items()}
-
-
 def run_seed(seed, args, data, device, references, progress):
     """One LLM-TRSR run: summaries (from the cache where it has them), the LoRA (early stopping on the validation
     items), then every system on the test users' candidates (drawn from the seed alone)."""
@@ -425,8 +409,8 @@ def run_seed(seed, args, data, device, references, progress):
     name = f"LLM-TRSR ({args.paradigm})"
 
     def validate():
-        return rank_systems({name: llm}, llm, texts, answers, valid, valid_summaries, args, device,
-                            "validate")[name]["MRR@10"]
+        scores = llm_scores(llm, texts, answers, valid, valid_summaries, args, device, scoring_batch(args, device))
+        return rank_systems({name: llm}, llm, scores, valid, ranking_metrics, "validate")[name]["MRR@10"]
 
     loss, early = train(llm, params, samples, answers, args, device, progress, validate)
     print(f"seed {seed}, LoRA: {len(samples)} samples (1:1 Yes and No), last loss {loss:.3f}, best epoch "
@@ -434,7 +418,8 @@ def run_seed(seed, args, data, device, references, progress):
 
     # 3. test: every system ranks the same candidates
     systems = {"popularity": popularity_scores(seqs, num_items, seed), **references, name: llm}
-    result = rank_systems(systems, llm, texts, answers, test, test_summaries, args, device, "test")
+    scores = llm_scores(llm, texts, answers, test, test_summaries, args, device, scoring_batch(args, device))
+    result = rank_systems(systems, llm, scores, test, ranking_metrics, "test")
     return {"metrics": {**result, "random (expected)": expected_at_random(ranking_metrics, args.candidates)},
             "best_epoch": early.best_epoch, "valid_mrr10": early.scores, "train_samples": len(samples),
             "test_users": len(test)}
