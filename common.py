@@ -1153,7 +1153,9 @@ def run_seeds(args, data, name, run_seed):
         if seed not in finished:
             progress = {"path": path, "settings": settings, "seed": seed, "finished": finished,
                         "resumed": saved if saved and saved["seed"] == seed else None}
+            start = time.time()
             finished[seed] = run_seed(seed, progress)
+            finished[seed]["seconds"] = round(time.time() - start, 1)  # after a resume: the resumed part only
             save_checkpoint(path, settings, 0, [], seed=None, finished=finished)
     results = {seed: finished[seed] for seed in args.seeds}
     mean, std = seeds_mean_std({seed: result["metrics"] for seed, result in results.items()})
@@ -1162,11 +1164,13 @@ def run_seeds(args, data, name, run_seed):
                  "per_seed": results}, os.path.join(out, f"{name}_metrics.json"),
                 {"args": vars(args), "dataset_fingerprint": data["fingerprint"]})
     os.remove(path)
-    print_seeds_table(mean, std, args.seeds, args.candidates, users)
+    print_seeds_table(mean, std, results, args.candidates, users)
 
 
-def print_seeds_table(mean, std, seeds, candidates, users):
-    print(f"{candidates} candidates per test user, {users} users, mean ± std over seeds {' '.join(map(str, seeds))}")
+def print_seeds_table(mean, std, results, candidates, users):
+    seconds = " ".join(f"{result['seconds']:.0f} s" for result in results.values())
+    print(f"{candidates} candidates per test user, {users} users, mean ± std over seeds "
+          f"{' '.join(map(str, results))} (wall time {seconds})")
     for name, m in mean.items():
         print(f"  {name:28s} " + " ".join(f"{k} {v:.4f} ± {std[name][k]:.4f}" for k, v in m.items()))
 
