@@ -187,7 +187,7 @@ def test_random_expectation_is_the_mean_over_ranks():
     assert m["Recall@10"] == pytest.approx(10 / 21) and m["MRR@3"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 21)
 
 
-@pytest.mark.parametrize("paradigm, options", [("hierarchical", []), ("recurrent", ["--whole-blocks"])])
+@pytest.mark.parametrize("paradigm, options", [("hierarchical", []), ("recurrent", ["--no-whole-blocks"])])
 def test_end_to_end(pipeline, tmp_path, tiny_llm, paradigm, options):
     out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt", "student.pt")
     common = ["--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, "--paradigm", paradigm, *ARGS,
