@@ -1064,6 +1064,19 @@ def ranking_cases(seqs, users, num_items, size, rng, split):
     return cases
 
 
+class Stopwatch:
+    """Seconds spent inside its `with` blocks, summed: the LLM's share of a baseline's wall time."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def __enter__(self):
+        self.start = time.time()
+
+    def __exit__(self, *exc):
+        self.seconds += time.time() - self.start
+
+
 class EarlyStopping:
     """The best validation score so far, its epoch and its weights (CPU copies); `stop` once `patience` epochs
     have passed without a better one. Its state goes into the epoch checkpoints."""
@@ -1168,9 +1181,9 @@ def run_seeds(args, data, name, run_seed):
 
 
 def print_seeds_table(mean, std, results, candidates, users):
-    seconds = " ".join(f"{result['seconds']:.0f} s" for result in results.values())
+    seconds = ", ".join(f"{r['seconds']:.0f} s (LLM {r['llm_seconds']:.0f} s)" for r in results.values())
     print(f"{candidates} candidates per test user, {users} users, mean ± std over seeds "
-          f"{' '.join(map(str, results))} (wall time {seconds})")
+          f"{' '.join(map(str, results))}; wall time per seed {seconds}")
     for name, m in mean.items():
         print(f"  {name:28s} " + " ".join(f"{k} {v:.4f} ± {std[name][k]:.4f}" for k, v in m.items()))
 

@@ -5,8 +5,8 @@ the LLM with AdaLoRA to name the next item among 20 candidates.
 
 Reads  out/<dataset>/dataset.json (01_prepare.py), teacher.pt (02_teacher.py), student.pt (05_student.py,
        optional: the P2Rec student is scored on the same candidates)
-Writes out/<dataset>/delrec_soft_prompt.pt (the first seed's), out/<dataset>/delrec_metrics.json (mean, std and
-       every seed's metrics)
+Writes out/<dataset>/delrec_soft_prompt.pt (the first seed's), out/<dataset>/delrec_metrics.json (mean, std,
+       every seed's metrics, wall time and the LLM's share of it)
 
 $ python baselines/delrec.py --data ml-100k
 
@@ -40,12 +40,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (EarlyStopping, UserError, add_common_args, add_scale_args, candidate_set,  # noqa: E402
+from common import (EarlyStopping, Stopwatch, UserError, add_common_args, add_scale_args, candidate_set,  # noqa: E402
                     check_nonnegative, check_positive, expected_at_random, fill_scale_defaults, fit_batch_size,
                     load_dataset, load_llm, load_teacher_and_student, longest, pick_device, pick_users,
-                    popularity_scores, random_unseen, rank_systems, ranking_cases, run_main, run_seeds, sasrec_scores,
-                    save_atomic, save_checkpoint, scaled, scoring_batch, seed_everything, set_rng_state, stage_dir,
-                    train_prefixes)
+                    popularity_scores, random_unseen, rank_systems, ranking_cases, run_main, run_seeds,
+                    sasrec_scores, save_atomic, save_checkpoint, scaled, scoring_batch, seed_everything,
+                    set_rng_state, stage_dir, train_prefixes)
 
 KS = (1, 5, 10)
 
@@ -338,6 +338,7 @@ def run_seed(seed, args, data, device, references, progress):
         print(f"resuming from {progress['path']}: seed {seed}, stage {progress['resumed']['stage']}, "
               f"epoch {progress['resumed']['epoch']} was done")
 
+    llm_time = Stopwatch()  # training, validation and scoring
     if not args.no_stage1:  # stage 1: only the soft prompt learns (its samples are drawn again on resuming, alike)
         temporal, simulated = stage1_samples(seqs, users, prompts, references["SASRec teacher"], num_items, args.candidates,
                                              args.prefixes, rng)
@@ -345,7 +346,8 @@ def run_seed(seed, args, data, device, references, progress):
                                                        for task in (temporal, simulated)).backward(),
                                          [model.soft], args.batch_size, device)
         batches = [list(pair) for pair in zip(chunks(temporal, args.batch_size), chunks(simulated, args.batch_size))]
-        loss, _ = train_stage(1, model, [model.soft], batches, args.stage1_epochs, args, device, progress)
+        with llm_time:
+            loss, _ = train_stage(1, model, [model.soft], batches, args.stage1_epochs, args, device, progress)
         print(f"seed {seed}, stage 1: {len(temporal)} temporal + {len(simulated)} simulating samples, last loss {loss:.3f}")
         if seed == args.seeds[0]:
             save_atomic({"soft": model.soft.detach().cpu(), "seed": seed, "args": vars(args)},
@@ -368,7 +370,9 @@ def run_seed(seed, args, data, device, references, progress):
         scores = model_scores(model, prompts, valid, device, scoring_batch(args, device))
         return rank_systems({"DELRec": model}, model, scores, valid, rank_metrics, "validate")["DELRec"]["NDCG@10"]
 
-    loss, early = train_stage(2, model, params, batches, args.stage2_epochs, args, device, progress, allocator, validate)
+    with llm_time:
+        loss, early = train_stage(2, model, params, batches, args.stage2_epochs, args, device, progress, allocator,
+                                  validate)
     print(f"seed {seed}, stage 2: {len(recs)} samples, last loss {loss:.3f}, best epoch {early.best_epoch} of "
           f"{len(early.scores)} (validation NDCG@10 {' '.join(f'{v:.4f}' for v in early.scores)})")
 
@@ -376,11 +380,13 @@ def run_seed(seed, args, data, device, references, progress):
     test = ranking_cases(seqs, pick_users(len(seqs), args.test_users, random.Random(seed + 4)), num_items,
                          args.candidates, random.Random(seed + 1), "test")
     systems = {"popularity": popularity_scores(seqs, num_items, seed), **references, "DELRec": model}
-    scores = model_scores(model, prompts, test, device, scoring_batch(args, device))
+    with llm_time:
+        scores = model_scores(model, prompts, test, device, scoring_batch(args, device))
     result = rank_systems(systems, model, scores, test, rank_metrics, "test")
     result["DELRec, no stage 1" if args.no_stage1 else "DELRec"] = result.pop("DELRec")
     return {"metrics": {**result, "random (expected)": expected_at_random(rank_metrics, args.candidates)},
-            "best_epoch": early.best_epoch, "valid_ndcg10": early.scores, "test_users": len(test)}
+            "best_epoch": early.best_epoch, "valid_ndcg10": early.scores, "test_users": len(test),
+            "llm_seconds": round(llm_time.seconds, 1)}
 
 
 def main():

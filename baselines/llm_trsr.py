@@ -6,7 +6,7 @@ LoRA reads the summary, the last few items and one candidate and answers "Yes" o
 Reads  out/<dataset>/dataset.json (01_prepare.py), teacher.pt (02_teacher.py), student.pt (05_student.py,
        optional: the P2Rec student is scored on the same candidates)
 Writes out/<dataset>/llm_trsr_summaries.json (the summary cache), llm_trsr_<paradigm>_metrics.json (mean, std
-       and every seed's metrics)
+       and every seed's metrics, wall time and the LLM's share of it)
 
 $ python baselines/llm_trsr.py --data ml-100k --paradigm hierarchical
 
@@ -47,11 +47,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (EarlyStopping, UserError, add_common_args, add_scale_args, check_nonnegative,  # noqa: E402
+from common import (EarlyStopping, Stopwatch, UserError, add_common_args, add_scale_args, check_nonnegative,  # noqa: E402
                     check_positive, expected_at_random, fill_scale_defaults, fit_batch_size, llm_fingerprint,
-                    load_dataset, load_llm, load_teacher_and_student, longest, matmul_dtype, pick_device, pick_users,
-                    popularity_scores, random_unseen, rank_systems, ranking_cases, run_main, run_seeds, save_atomic,
-                    save_checkpoint, scaled, scoring_batch, seed_everything, set_rng_state, stage_dir, train_prefixes)
+                    load_dataset, load_llm, load_teacher_and_student, longest, matmul_dtype, pick_device,
+                    pick_users, popularity_scores, random_unseen, rank_systems, ranking_cases, run_main, run_seeds,
+                    save_atomic, save_checkpoint, scaled, scoring_batch, seed_everything, set_rng_state, stage_dir,
+                    train_prefixes)
 
 KS = (3, 5, 10)
 PARADIGMS = ("hierarchical", "recurrent")
@@ -394,8 +395,10 @@ def run_seed(seed, args, data, device, references, progress):
                                                                          texts.update("", [])]}
     summarizer = Summarizer(llm, texts, args, device, os.path.join(out, "llm_trsr_summaries.json"), settings)
     summarise = getattr(summarizer, args.paradigm)
-    train_summaries = summarise([history for _, history, _, _ in pairs])
-    valid_summaries, test_summaries = summarise([c[1] for c in valid]), summarise([c[1] for c in test])
+    llm_time = Stopwatch()  # generation, training, validation and scoring
+    with llm_time:
+        train_summaries = summarise([history for _, history, _, _ in pairs])
+        valid_summaries, test_summaries = summarise([c[1] for c in valid]), summarise([c[1] for c in test])
     print(f"seed {seed}, summaries ({args.paradigm}): {summarizer.generated} generated, {len(summarizer.cache)} in the "
           f"cache; a test user's: {test_summaries[0]!r}")
 
@@ -415,17 +418,19 @@ def run_seed(seed, args, data, device, references, progress):
         scores = llm_scores(llm, texts, answers, valid, valid_summaries, args, device, scoring_batch(args, device))
         return rank_systems({name: llm}, llm, scores, valid, ranking_metrics, "validate")[name]["MRR@10"]
 
-    loss, early = train(llm, params, samples, answers, args, device, progress, validate)
+    with llm_time:
+        loss, early = train(llm, params, samples, answers, args, device, progress, validate)
     print(f"seed {seed}, LoRA: {len(samples)} samples (1:1 Yes and No), last loss {loss:.3f}, best epoch "
           f"{early.best_epoch} of {len(early.scores)} (validation MRR@10 {' '.join(f'{v:.4f}' for v in early.scores)})")
 
     # 3. test: every system ranks the same candidates
     systems = {"popularity": popularity_scores(seqs, num_items, seed), **references, name: llm}
-    scores = llm_scores(llm, texts, answers, test, test_summaries, args, device, scoring_batch(args, device))
+    with llm_time:
+        scores = llm_scores(llm, texts, answers, test, test_summaries, args, device, scoring_batch(args, device))
     result = rank_systems(systems, llm, scores, test, ranking_metrics, "test")
     return {"metrics": {**result, "random (expected)": expected_at_random(ranking_metrics, args.candidates)},
             "best_epoch": early.best_epoch, "valid_mrr10": early.scores, "train_samples": len(samples),
-            "test_users": len(test)}
+            "test_users": len(test), "llm_seconds": round(llm_time.seconds, 1)}
 
 
 def main():
