@@ -889,7 +889,8 @@ def train_recommender(models, seeds, sequences, args, device, desc, loss="ce", c
     done = max(len(h) for h in history)
     bar = tqdm(range(done + 1, args.epochs + 1), desc=desc, leave=False, initial=done, total=args.epochs)
     for epoch in bar:
-        active = [run for run in range(group.runs) if still_improving(best[run], history[run], args.patience)]
+        active = [run for run in range(group.runs)
+                  if still_improving(best[run].get("epoch", 0), len(history[run]), args.patience)]
         if not active:
             break
         group.train()
@@ -906,9 +907,10 @@ def train_recommender(models, seeds, sequences, args, device, desc, loss="ce", c
     return test_best(group, models, (*test, negatives), device, best, history, args.patience)
 
 
-def still_improving(best, history, patience):
-    """A run trains on while its validation NDCG@10 has improved within the last `patience` epochs."""
-    return len(history) - best.get("epoch", 0) < patience
+def still_improving(best_epoch, epochs_done, patience):
+    """A run trains on while its validation score has improved within the last `patience` epochs (the one early
+    stopping rule of every stage: 02, 05 and both baselines)."""
+    return epochs_done - best_epoch < patience
 
 
 def resume(checkpoint, settings, force, gens, group, opt, runs):
@@ -945,8 +947,9 @@ def test_best(group, models, test, device, best, history, patience):
     inputs, targets, seen, negatives = test
     ranks = evaluate(group, inputs, targets, seen, device, negatives=negatives)
     return [{"best_epoch": best[run]["epoch"], "last_epoch": len(history[run]),
-             "converged": not still_improving(best[run], history[run], patience), "valid": best[run]["valid"],
-             "test": protocol_metrics(ranks, run), "sampled_candidates": 1 + negatives.shape[1], "test_ranks": ranks[""][run],
+             "converged": not still_improving(best[run]["epoch"], len(history[run]), patience),
+             "valid": best[run]["valid"], "test": protocol_metrics(ranks, run),
+             "sampled_candidates": 1 + negatives.shape[1], "test_ranks": ranks[""][run],
              "train_s_per_epoch": sum(h["train_s"] for h in history[run]) / len(history[run]),
              "history": history[run]} for run in range(group.runs)]
 
@@ -1093,7 +1096,7 @@ class EarlyStopping:
             self.best_epoch, self.best_params = len(self.scores), [p.detach().cpu().clone() for p in params]
 
     def stop(self):
-        return len(self.scores) - self.best_epoch >= self.patience
+        return not still_improving(self.best_epoch, len(self.scores), self.patience)
 
     def restore_best(self, params):
         with torch.no_grad():
