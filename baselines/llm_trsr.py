@@ -13,7 +13,7 @@ $ python baselines/llm_trsr.py --data ml-100k --paradigm hierarchical
 Summaries: the history is cut into blocks of `--block-size` items from its start and the last `--max-blocks`
 blocks are summarised, at most `--summary-tokens` new tokens each. Whole blocks only (a departure from the paper,
 which summarises a shorter last block too; `--no-whole-blocks` does that): the shorter block's items are among the
-`--recent` items listed beside the summary anyway, and a user's training prefixes then share their summaries, a
+`--recent` items listed beside the summary anyway, and a user's training prefixes then share their summaries:
 under a third of the generations on ml-100k at 20 prefixes, a sixth on Beauty. Two paradigms:
   hierarchical  summarise every block on its own, then merge the block summaries into one;
   recurrent     summarise the first block, then update that summary with each following block.
