@@ -41,9 +41,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (EarlyStopping, Stopwatch, UserError, add_common_args, add_scale_args, candidate_set,  # noqa: E402
-                    check_nonnegative, check_positive, expected_at_random, fill_scale_defaults, fit_batch_size,
-                    load_dataset, load_llm, load_teacher_and_student, longest, pick_device, pick_users,
-                    popularity_scores, random_unseen, rank_systems, ranking_cases, run_main, run_seeds,
+                    check_nonnegative, check_positive, compile_blocks, expected_at_random, fill_scale_defaults,
+                    fit_batch_size, load_dataset, load_llm, load_teacher_and_student, longest, pick_device,
+                    pick_users, popularity_scores, random_unseen, rank_systems, ranking_cases, run_main, run_seeds,
                     sasrec_scores, save_atomic, save_checkpoint, scaled, scoring_batch, seed_everything,
                     set_rng_state, stage_dir, train_prefixes)
 
@@ -271,6 +271,9 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, help=scaled(SCALES, "batch_size", "samples per step"))
     parser.add_argument("--lr", type=float, help=scaled(SCALES, "lr", "AdamW learning rate"))
     parser.add_argument("--no-stage1", action="store_true", help="ablation: stage 2 without a distilled soft prompt")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the LLM's blocks for stage 2's training "
+                        "and the scoring (meant for a GPU, where eager steps of this small LLM wait on Python launching "
+                        "kernels one by one; stage 1 runs eager): a minute or two of compiling, once")
     args = parser.parse_args()
     device = pick_device(args.device)
     fill_scale_defaults(args, device, SCALES)
@@ -358,6 +361,8 @@ def run_seed(seed, args, data, device, references, progress):
     model.soft.requires_grad_(False)
     recs = stage2_samples(seqs, users, prompts, num_items, args.candidates, args.prefixes, rng)
     params, allocator = add_adalora(model, math.ceil(len(recs) / args.batch_size) * args.stage2_epochs)
+    if args.compile:  # now that AdaLoRA is in the blocks
+        compile_blocks(model.llm)
     args.batch_size = fit_batch_size(lambda n: model.target_nll(longest(recs, n, sample_tokens), device).backward(),
                                      params, args.batch_size, device)
     batches = [[batch] for batch in chunks(recs, args.batch_size)]

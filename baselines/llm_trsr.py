@@ -48,11 +48,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (EarlyStopping, Stopwatch, UserError, add_common_args, add_scale_args, check_nonnegative,  # noqa: E402
-                    check_positive, expected_at_random, fill_scale_defaults, fit_batch_size, llm_fingerprint,
-                    load_dataset, load_llm, load_teacher_and_student, longest, matmul_dtype, pick_device,
-                    pick_users, popularity_scores, random_unseen, rank_systems, ranking_cases, run_main, run_seeds,
-                    save_atomic, save_checkpoint, scaled, scoring_batch, seed_everything, set_rng_state, stage_dir,
-                    train_prefixes)
+                    check_positive, compile_blocks, expected_at_random, fill_scale_defaults, fit_batch_size,
+                    llm_fingerprint, load_dataset, load_llm, load_teacher_and_student, longest, matmul_dtype,
+                    pick_device, pick_users, popularity_scores, random_unseen, rank_systems, ranking_cases, run_main,
+                    run_seeds, save_atomic, save_checkpoint, scaled, scoring_batch, seed_everything, set_rng_state,
+                    stage_dir, train_prefixes)
 
 KS = (3, 5, 10)
 PARADIGMS = ("hierarchical", "recurrent")
@@ -347,6 +347,9 @@ def parse_args():
                                                             "MRR@10 before the LoRA stops"))
     parser.add_argument("--batch-size", type=int, help=scaled(SCALES, "batch_size", "samples per LoRA step"))
     parser.add_argument("--lr", type=float, help=scaled(SCALES, "lr", "AdamW learning rate"))
+    parser.add_argument("--compile", action="store_true", help="torch.compile the LLM's blocks for the LoRA's training "
+                        "and scoring (meant for a GPU, where eager steps of this small LLM wait on Python launching "
+                        "kernels one by one; the summaries are generated eager): a minute or two of compiling, once")
     args = parser.parse_args()
     device = pick_device(args.device)
     fill_scale_defaults(args, device, SCALES)
@@ -406,6 +409,8 @@ def run_seed(seed, args, data, device, references, progress):
     samples = [(texts.user_ids(summary, history[-args.recent:]) + texts.candidate_ids(item), answer)
                for (_, history, item, answer), summary in zip(pairs, train_summaries)]
     llm, params = add_lora(llm)
+    if args.compile:
+        compile_blocks(llm)
     # the batch that fits the GPU's free memory; in args, so that validation batches and the metrics JSON follow it
     args.batch_size = fit_batch_size(lambda n: batch_loss(llm, longest(samples, n, lambda s: len(s[0])), answers,
                                                           device).backward(), params, args.batch_size, device)

@@ -204,6 +204,31 @@ def test_end_to_end(pipeline, tmp_path, tiny_llm, paradigm, options):
     assert " 0 generated" in rerun.stdout  # every summary came from the cache
 
 
+def test_compiled_blocks_compute_what_eager_ones_do(tiny_llm):
+    """--compile changes how the kernels run, not the arithmetic: the same scores and LoRA gradients, up to float
+    rounding (in eval mode: compiled dropout draws other random numbers, so training curves differ)."""
+    from transformers import AutoModelForCausalLM
+    from common import compile_blocks
+    torch.manual_seed(0)
+    llm, params = llm_trsr.add_lora(AutoModelForCausalLM.from_pretrained(tiny_llm).requires_grad_(False))
+    for param in params:
+        param.data.normal_(0, 0.1)  # PEFT starts B at zero: give every LoRA weight a gradient
+    prompts = [list(range(5, 17)), list(range(30, 37))]
+    llm.eval()
+
+    def scores_and_grads():
+        logits = llm_trsr.last_token_logits(llm, prompts, torch.device("cpu"))
+        grads = torch.autograd.grad(logits[:, 3].sum(), params)
+        return logits.detach(), grads
+
+    eager = scores_and_grads()
+    compile_blocks(llm)
+    compiled = scores_and_grads()
+    torch.testing.assert_close(compiled[0], eager[0], atol=1e-5, rtol=1e-5)
+    for got, want in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 def test_a_batch_too_large_for_the_gpu_halves_until_its_step_fits(pipeline, tmp_path, tiny_llm, monkeypatch, capsys):
     printed, used = batch_on_a_gpu_that_fits(llm_trsr, pipeline, tmp_path, ["--llm", tiny_llm, *ARGS],
                                              "llm_trsr_hierarchical_metrics.json", 4, monkeypatch, capsys)
