@@ -224,6 +224,7 @@ def test_compiled_blocks_compute_what_eager_ones_do(tiny_llm):
     eager = scores_and_grads()
     compile_blocks(llm)
     compiled = scores_and_grads()
+    assert all(block._compiled_call_impl is not None for block in llm.get_base_model().get_decoder().layers)
     torch.testing.assert_close(compiled[0], eager[0], atol=1e-5, rtol=1e-5)
     for got, want in zip(compiled[1], eager[1]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
