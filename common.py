@@ -1019,7 +1019,7 @@ def candidate_rank(scores, target_index):
 
 
 def add_scale_args(parser, scales):
-    """--scale and --seeds, and the options both LLM baselines share whose defaults depend on the scale."""
+    """--scale, --seeds, --compile and the options both LLM baselines share whose defaults depend on the scale."""
     parser.add_argument("--scale", choices=("auto", "small", "full"), default="auto",
                         help="defaults of the options marked 'small | full': small on a CPU (tests, a smoke run), full on a "
                              "GPU (every training user and its last prefixes, early stopping on validation); auto picks "
@@ -1031,6 +1031,10 @@ def add_scale_args(parser, scales):
                         "prefixes of its train split that end at its last this many items (0: all)"))
     parser.add_argument("--valid-users", type=int, help=scaled(scales, "valid_users", "users whose validation item "
                         "(their second last) picks the best epoch (0: all)"))
+    parser.add_argument("--compile", action="store_true", help="torch.compile the LLM's blocks once its adapter is in "
+                        "them, for training and scoring (meant for a GPU, where eager steps of this small LLM wait on "
+                        "Python launching kernels one by one; what runs before, LLM-TRSR's summaries or DELRec's stage 1, "
+                        "stays eager): a minute or two of compiling, once")
 
 
 def scaled(defaults, name, text):

@@ -271,9 +271,6 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, help=scaled(SCALES, "batch_size", "samples per step"))
     parser.add_argument("--lr", type=float, help=scaled(SCALES, "lr", "AdamW learning rate"))
     parser.add_argument("--no-stage1", action="store_true", help="ablation: stage 2 without a distilled soft prompt")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the LLM's blocks for stage 2's training "
-                        "and the scoring (meant for a GPU, where eager steps of this small LLM wait on Python launching "
-                        "kernels one by one; stage 1 runs eager): a minute or two of compiling, once")
     args = parser.parse_args()
     device = pick_device(args.device)
     fill_scale_defaults(args, device, SCALES)

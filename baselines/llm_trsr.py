@@ -347,9 +347,6 @@ def parse_args():
                                                             "MRR@10 before the LoRA stops"))
     parser.add_argument("--batch-size", type=int, help=scaled(SCALES, "batch_size", "samples per LoRA step"))
     parser.add_argument("--lr", type=float, help=scaled(SCALES, "lr", "AdamW learning rate"))
-    parser.add_argument("--compile", action="store_true", help="torch.compile the LLM's blocks for the LoRA's training "
-                        "and scoring (meant for a GPU, where eager steps of this small LLM wait on Python launching "
-                        "kernels one by one; the summaries are generated eager): a minute or two of compiling, once")
     args = parser.parse_args()
     device = pick_device(args.device)
     fill_scale_defaults(args, device, SCALES)
