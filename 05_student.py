@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (FUSIONS, KS, LOSSES, Dropout, ItemEmbedding, SASRec, UserError, add_common_args, add_train_args,
-                    check_made_from, check_positive, current_artifact, current_teacher, file_fingerprint,
+                    check_made_from, check_positive, clearly_above, current_artifact, current_teacher, file_fingerprint,
                     format_metrics, llm_features, load_artifact, load_dataset, matching_checkpoint, pick_device,
                     rank_metrics, require, run_main, run_settings, save_atomic, seed_everything, stage_dir,
                     train_popularity, train_recommender)
@@ -237,7 +237,7 @@ def lift_cell(variant_runs, vanilla_runs, metric):
     than twice the larger of the two arms' standard deviations (our bar for a lift)."""
     lifts = mean_std(paired_lifts(variant_runs, vanilla_runs, metric))
     (mean, std), (base, base_std) = (mean_std([r["test"][metric] for r in rs]) for rs in (variant_runs, vanilla_runs))
-    clear = std is not None and mean - base > 2 * max(std, base_std)
+    clear = std is not None and clearly_above(mean, std, base, base_std)
     return f"{lifts[0]:+.1f}%" + (f" ± {lifts[1]:.1f}" if lifts[1] is not None else "") + " *" * clear
 
 

@@ -1150,6 +1150,11 @@ def scoring_batch(args, device):
     return 4 * args.batch_size if device.type == "cuda" else 0
 
 
+def clearly_above(mean, std, base, base_std):
+    """Our bar for a lift: a mean above the baseline's by more than twice the larger of the two standard deviations."""
+    return mean - base > 2 * max(std, base_std)
+
+
 def seeds_mean_std(per_seed):
     """{seed: {system: {metric: value}}} -> (mean, std) over the seeds, each {system: {metric: value}}; the std is
     the sample standard deviation (0 for one seed)."""

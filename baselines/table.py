@@ -18,7 +18,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import UserError, load_artifact, run_main, stage_dir  # noqa: E402
+from common import UserError, clearly_above, load_artifact, run_main, stage_dir  # noqa: E402
 
 # candidate set -> (the runs that rank it, the two metrics shown)
 TABLES = {"DELRec's candidates": (("delrec", "delrec_no_stage1"), ("HR@10", "NDCG@10")),
@@ -30,8 +30,7 @@ def above_popularity(result, system, metric):
     if len(result["seeds"]) < 3:
         return False  # no claim from fewer seeds
     mean, std = result["metrics"], result["std"]
-    margin = 2 * max(std[system][metric], std["popularity"][metric])
-    return mean[system][metric] > mean["popularity"][metric] + margin
+    return clearly_above(mean[system][metric], std[system][metric], mean["popularity"][metric], std["popularity"][metric])
 
 
 def cell(result, system, metric):
@@ -54,14 +53,14 @@ def same_candidates(a, b):
 
 
 def print_table(title, results, metrics):
-    """`results`: [(run name, its metrics JSON)], all ranking the same candidates."""
-    first = results[0][1]
+    """`results`: the runs' metrics JSONs, all ranking the same candidates."""
+    first = results[0]
     print(f"\n{title}: {first['args']['candidates']} per test user, {first['test_users']} users, seeds "
           f"{' '.join(map(str, first['seeds']))} (mean ± std)\n")
     print(f"| system | {' | '.join(metrics)} | wall time per seed |")
     print("|---|" + "---|" * (len(metrics) + 1))
     systems = [(s, first, "") for s in REFERENCES if s in first["metrics"]]
-    systems += [(s, result, wall_time(result)) for _, result in results for s in result["metrics"] if s not in REFERENCES]
+    systems += [(s, result, wall_time(result)) for result in results for s in result["metrics"] if s not in REFERENCES]
     for system, result, seconds in systems:
         print(f"| {system} | {' | '.join(cell(result, system, m) for m in metrics)} | {seconds} |")
 
@@ -71,17 +70,18 @@ def main():
     parser.add_argument("--data", default="ml-100k", help="dataset name, as given to the baselines")
     parser.add_argument("--out", default="out", help="the baselines' metrics are in OUT/DATA/")
     args = parser.parse_args()
-    out, printed = stage_dir(args), 0
-    for title, (names, metrics) in TABLES.items():
-        runs = [(n, load_artifact(os.path.join(out, f"{n}_metrics.json"))) for n in names
-                if os.path.exists(os.path.join(out, f"{n}_metrics.json"))]
-        while runs:  # runs on the first run's candidates, then the rest
-            together = [r for r in runs if same_candidates(r[1], runs[0][1])]
-            print_table(title, together, metrics)
-            runs, printed = [r for r in runs if r not in together], printed + 1
-    if not printed:
+    out = stage_dir(args)
+    paths = {title: [os.path.join(out, f"{name}_metrics.json") for name in names] for title, (names, _) in TABLES.items()}
+    runs = {title: [load_artifact(p) for p in ps if os.path.exists(p)] for title, ps in paths.items()}
+    if not any(runs.values()):
         raise UserError(f"no baseline metrics in {out}/: run python baselines/delrec.py --data {args.data} or "
                         f"python baselines/llm_trsr.py --data {args.data} first")
+    for title, (_, metrics) in TABLES.items():
+        left = runs[title]
+        while left:  # the runs on the first one's candidates, then the rest
+            together = [r for r in left if same_candidates(r, left[0])]
+            print_table(title, together, metrics)
+            left = [r for r in left if r not in together]
 
 
 if __name__ == "__main__":
