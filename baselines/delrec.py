@@ -250,7 +250,7 @@ def rank_metrics(rank):
 
 # Options whose default depends on --scale: (small, for a CPU: the tests and a smoke run | full, for a GPU)
 SCALES = {"train_users": (300, 0), "prefixes": (1, 20), "stage2_epochs": (1, 20), "patience": (1, 3),
-          "batch_size": (8, 128), "lr": (1e-3, 3e-3), "valid_users": (50, 500)}
+          "batch_size": (8, 128), "lr": (1e-3, 3e-3), "valid_users": (50, 500), "compile": (False, True)}
 
 
 def parse_args():
@@ -338,13 +338,14 @@ def run_seed(seed, args, data, device, references, progress):
         print(f"resuming from {progress['path']}: seed {seed}, stage {progress['resumed']['stage']}, "
               f"epoch {progress['resumed']['epoch']} was done")
 
-    llm_time = Stopwatch()  # training, validation and scoring
+    llm_time = Stopwatch()  # batch fitting, training, validation and scoring
     if not args.no_stage1:  # stage 1: only the soft prompt learns (its samples are drawn again on resuming, alike)
         temporal, simulated = stage1_samples(seqs, users, prompts, references["SASRec teacher"], num_items, args.candidates,
                                              args.prefixes, rng)
-        args.batch_size = fit_batch_size(lambda n: sum(model.target_nll(longest(task, n, sample_tokens), device)
-                                                       for task in (temporal, simulated)).backward(),
-                                         [model.soft], args.batch_size, device)
+        with llm_time:
+            args.batch_size = fit_batch_size(lambda n: sum(model.target_nll(longest(task, n, sample_tokens), device)
+                                                           for task in (temporal, simulated)).backward(),
+                                             [model.soft], args.batch_size, device)
         batches = [list(pair) for pair in zip(chunks(temporal, args.batch_size), chunks(simulated, args.batch_size))]
         with llm_time:
             loss, _ = train_stage(1, model, [model.soft], batches, args.stage1_epochs, args, device, progress)
@@ -360,8 +361,9 @@ def run_seed(seed, args, data, device, references, progress):
     params, allocator = add_adalora(model, math.ceil(len(recs) / args.batch_size) * args.stage2_epochs)
     if args.compile:  # now that AdaLoRA is in the blocks
         compile_blocks(model.llm)
-    args.batch_size = fit_batch_size(lambda n: model.target_nll(longest(recs, n, sample_tokens), device).backward(),
-                                     params, args.batch_size, device)
+    with llm_time:  # the trial step is where --compile compiles
+        args.batch_size = fit_batch_size(lambda n: model.target_nll(longest(recs, n, sample_tokens), device).backward(),
+                                         params, args.batch_size, device)
     batches = [[batch] for batch in chunks(recs, args.batch_size)]
     allocator.set_total_step(len(batches) * args.stage2_epochs)  # the rank budget's schedule spans the steps run
     valid = ranking_cases(seqs, pick_users(len(seqs), args.valid_users, random.Random(seed + 2)), num_items,

@@ -320,7 +320,8 @@ def ranking_metrics(rank):
 
 # Options whose default depends on --scale: (small, for a CPU: the tests and a smoke run | full, for a GPU)
 SCALES = {"train_users": (200, 0), "prefixes": (1, 20), "test_users": (200, 0), "valid_users": (50, 500),
-          "epochs": (1, 20), "patience": (1, 3), "batch_size": (8, 128), "lr": (5e-4, 1e-3), "generate_batch": (32, 512)}
+          "epochs": (1, 20), "patience": (1, 3), "batch_size": (8, 128), "lr": (5e-4, 1e-3), "generate_batch": (32, 512),
+          "compile": (False, True)}
 
 
 def parse_args():
@@ -395,7 +396,7 @@ def run_seed(seed, args, data, device, references, progress):
                                                                          texts.update("", [])]}
     summarizer = Summarizer(llm, texts, args, device, os.path.join(out, "llm_trsr_summaries.json"), settings)
     summarise = getattr(summarizer, args.paradigm)
-    llm_time = Stopwatch()  # generation, training, validation and scoring
+    llm_time = Stopwatch()  # generation, batch fitting, training, validation and scoring
     with llm_time:
         train_summaries = summarise([history for _, history, _, _ in pairs])
         valid_summaries, test_summaries = summarise([c[1] for c in valid]), summarise([c[1] for c in test])
@@ -408,9 +409,11 @@ def run_seed(seed, args, data, device, references, progress):
     llm, params = add_lora(llm)
     if args.compile:
         compile_blocks(llm)
-    # the batch that fits the GPU's free memory; in args, so that validation batches and the metrics JSON follow it
-    args.batch_size = fit_batch_size(lambda n: batch_loss(llm, longest(samples, n, lambda s: len(s[0])), answers,
-                                                          device).backward(), params, args.batch_size, device)
+    # the batch that fits the GPU's free memory; in args, so that validation batches and the metrics JSON follow it.
+    # Its trial step is where --compile compiles: LLM time
+    with llm_time:
+        args.batch_size = fit_batch_size(lambda n: batch_loss(llm, longest(samples, n, lambda s: len(s[0])), answers,
+                                                              device).backward(), params, args.batch_size, device)
     if progress["resumed"] is not None:
         set_rng_state(progress["resumed"]["rng"])
         print(f"resuming from {progress['path']}: seed {seed}, epoch {progress['resumed']['epoch']} was done")

@@ -200,6 +200,8 @@ def test_end_to_end(pipeline, tmp_path, tiny_llm, paradigm, options):
     for m in result["metrics"].values():
         assert 0 <= m["MRR@3"] <= m["Recall@3"] <= m["Recall@5"] <= m["Recall@10"] <= 1
     assert " 0 generated" not in proc.stdout
+    seed42 = result["per_seed"]["42"]["metrics"][f"LLM-TRSR ({paradigm})"]  # the finished seed's line, as it ends
+    assert f"LLM-TRSR ({paradigm}) {seed42['Recall@10']:.4f} / {seed42['MRR@10']:.4f}" in proc.stdout
     rerun = run_stage("baselines/llm_trsr.py", *common)
     assert " 0 generated" in rerun.stdout  # every summary came from the cache
 
