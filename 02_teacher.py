@@ -51,7 +51,7 @@ def main():
     save_atomic(result, os.path.join(out, "teacher_metrics.json"), meta)
     os.remove(checkpoint)
     print(f"teacher ({args.loss}): best epoch {result['best_epoch']} of {result['last_epoch']}"
-          f"{'' if result['converged'] else ' (still improving at --epochs: raise it)'}, "
+          f"{'' if result['converged'] else ' (stopped by --epochs before --patience ran out)'}, "
           f"{result['train_s_per_epoch']:.1f} s/epoch on {device}; test {format_metrics(result['test'])} | seen items "
           f"masked: {format_metrics(result['test'], 'masked_')} | sampled ({result['sampled_candidates']} candidates): "
           f"{format_metrics(result['test'], 'sampled_')}")
