@@ -346,8 +346,7 @@ def run_seed(seed, args, data, device, references, progress):
             args.batch_size = fit_batch_size(lambda n: sum(model.target_nll(longest(task, n, sample_tokens), device)
                                                            for task in (temporal, simulated)).backward(),
                                              [model.soft], args.batch_size, device)
-        batches = [list(pair) for pair in zip(chunks(temporal, args.batch_size), chunks(simulated, args.batch_size))]
-        with llm_time:
+            batches = [list(pair) for pair in zip(chunks(temporal, args.batch_size), chunks(simulated, args.batch_size))]
             loss, _ = train_stage(1, model, [model.soft], batches, args.stage1_epochs, args, device, progress)
         print(f"seed {seed}, stage 1: {len(temporal)} temporal + {len(simulated)} simulating samples, last loss {loss:.3f}")
         if seed == args.seeds[0]:
