@@ -242,7 +242,7 @@ def lift_cell(variant_runs, vanilla_runs, metric):
 
 
 def epochs_cell(of):
-    """Best epochs over seeds, '!' where a run was still improving when it reached --epochs."""
+    """Best epochs over seeds, '!' where a run stopped at --epochs before --patience ran out."""
     best = sorted(r["best_epoch"] for r in of)
     return (f"{best[0]}" if best[0] == best[-1] else f"{best[0]}-{best[-1]}") + "!" * any(not r["converged"] for r in of)
 
@@ -256,8 +256,8 @@ def markdown_table(runs, dataset, fuse):
     candidates = runs[0]["sampled_candidates"]
     lines = [f"Test split of {dataset}; item tables fused by '{fuse}' where a variant names no other. Full: the target "
              f"ranked among all items (history not masked). Sampled: among itself and {candidates - 1} items the user never interacted with "
-             f"(the same for every run). Best epochs: by validation NDCG@10 (full), '!' where a run hit --epochs "
-             f"while still improving.", "",
+             f"(the same for every run). Best epochs: by validation NDCG@10 (full), '!' where a run stopped at "
+             f"--epochs before --patience ran out.", "",
              "Lift over vanilla: mean ± std of the per-seed lifts; * where the variant's mean is above vanilla's by "
              "more than twice the larger standard deviation of the two.", "",
              "| loss | model | variant | " + " | ".join(m.replace("sampled_", "sampled ") for m in LIFT_METRICS)
