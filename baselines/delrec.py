@@ -192,12 +192,12 @@ def resume_stage(stage, epochs, model, params, opt, allocator, saved, patience):
     return saved["epoch"], saved["loss"], EarlyStopping(patience, saved["early"])
 
 
-def train_stage(stage, model, params, batches, epochs, args, device, progress, allocator=None, validate=None):
-    """Up to `epochs` passes over `batches`, each ending in a checkpoint (`progress`: its path, settings, and what an
-    interrupted run left), so that after Ctrl-C or kill -9 the same command resumes after the last whole epoch.
-    `allocator`: AdaLoRA's rank allocator (stage 2), whose state is saved along. `validate`: a score per epoch;
-    the stage then stops once it has not improved for --patience epochs and keeps its best epoch's weights.
-    Returns the last loss and the early stopping record."""
+def train_stage(stage, model, params, tasks, epochs, args, device, progress, allocator=None, validate=None):
+    """Up to `epochs` passes over `tasks` (one list of samples per task, shuffled each epoch: epoch_batches), each
+    ending in a checkpoint (`progress`: its path, settings, and what an interrupted run left), so that after Ctrl-C
+    or kill -9 the same command resumes after the last whole epoch. `allocator`: AdaLoRA's rank allocator (stage 2),
+    whose state is saved along. `validate`: a score per epoch; the stage then stops once it has not improved for
+    --patience epochs and keeps its best epoch's weights. Returns the last loss and the early stopping record."""
     opt = torch.optim.AdamW(params, lr=args.lr)
     done, loss, early = resume_stage(stage, epochs, model, params, opt, allocator, progress["resumed"], args.patience)
     hook = (lambda step: model.llm.base_model.update_and_allocate(step)) if allocator is not None else None
@@ -205,6 +205,7 @@ def train_stage(stage, model, params, batches, epochs, args, device, progress, a
         if validate and early.stop():
             break
         start = time.time()
+        batches = epoch_batches(tasks, args.batch_size, progress["seed"], epoch)
         loss = train_epoch(model, opt, batches, device, f"stage {stage}, epoch {epoch + 1}", epoch * len(batches), hook)
         trained = time.time()
         if validate:
@@ -240,6 +241,15 @@ def sample_tokens(sample):
 
 def chunks(samples, size):
     return [samples[i:i + size] for i in range(0, len(samples), size)]
+
+
+def epoch_batches(tasks, batch_size, seed, epoch):
+    """One epoch's steps: each task's samples in a fresh order, cut into batches; step i holds batch i of every
+    task. The order comes from the seed and the epoch alone, so a resumed run replays it. Unshuffled, a step would
+    hold a handful of users' prefixes, and the same ones every epoch."""
+    rng = random.Random(seed + epoch)
+    orders = [rng.sample(samples, len(samples)) for samples in tasks]
+    return [list(step) for step in zip(*(chunks(order, batch_size) for order in orders))]
 
 
 def rank_metrics(rank):
@@ -346,8 +356,8 @@ def run_seed(seed, args, data, device, references, progress):
             args.batch_size = fit_batch_size(lambda n: sum(model.target_nll(longest(task, n, sample_tokens), device)
                                                            for task in (temporal, simulated)).backward(),
                                              [model.soft], args.batch_size, device)
-            batches = [list(pair) for pair in zip(chunks(temporal, args.batch_size), chunks(simulated, args.batch_size))]
-            loss, _ = train_stage(1, model, [model.soft], batches, args.stage1_epochs, args, device, progress)
+            loss, _ = train_stage(1, model, [model.soft], [temporal, simulated], args.stage1_epochs, args, device,
+                                  progress)
         print(f"seed {seed}, stage 1: {len(temporal)} temporal + {len(simulated)} simulating samples, last loss {loss:.3f}")
         if seed == args.seeds[0]:
             save_atomic({"soft": model.soft.detach().cpu(), "seed": seed, "args": vars(args)},
@@ -363,8 +373,8 @@ def run_seed(seed, args, data, device, references, progress):
     with llm_time:  # the trial step is where --compile compiles
         args.batch_size = fit_batch_size(lambda n: model.target_nll(longest(recs, n, sample_tokens), device).backward(),
                                          params, args.batch_size, device)
-    batches = [[batch] for batch in chunks(recs, args.batch_size)]
-    allocator.set_total_step(len(batches) * args.stage2_epochs)  # the rank budget's schedule spans the steps run
+    # the rank budget's schedule spans the steps run, at the batch size that fits
+    allocator.set_total_step(math.ceil(len(recs) / args.batch_size) * args.stage2_epochs)
     valid = ranking_cases(seqs, pick_users(len(seqs), args.valid_users, random.Random(seed + 2)), num_items,
                           args.candidates, random.Random(seed + 3), "valid")
 
@@ -374,7 +384,7 @@ def run_seed(seed, args, data, device, references, progress):
         return rank_systems({"DELRec": model}, model, scores, valid, rank_metrics, "validate")["DELRec"]["NDCG@10"]
 
     with llm_time:
-        loss, early = train_stage(2, model, params, batches, args.stage2_epochs, args, device, progress, allocator,
+        loss, early = train_stage(2, model, params, [recs], args.stage2_epochs, args, device, progress, allocator,
                                   validate)
     print(f"seed {seed}, stage 2: {len(recs)} samples, last loss {loss:.3f}, best epoch {early.best_epoch} of "
           f"{len(early.scores)} (validation NDCG@10 {' '.join(f'{v:.4f}' for v in early.scores)})")

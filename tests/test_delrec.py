@@ -65,6 +65,17 @@ def test_stage2_adalora_trains(tiny_llm, tiny):
     assert not model.soft.requires_grad
 
 
+def test_each_epoch_steps_through_every_sample_once_in_a_fresh_order_that_a_resumed_run_replays():
+    temporal, simulated = list(range(100)), list(range(100, 200))
+    first = delrec.epoch_batches([temporal, simulated], 16, seed=42, epoch=0)
+    assert len(first) == 7 and all(len(step) == 2 for step in first)  # step i: batch i of each task
+    assert sorted(x for step in first for x in step[0]) == temporal
+    assert sorted(x for step in first for x in step[1]) == simulated
+    assert first[0][0] != temporal[:16]  # not the users' order, in which a step holds a few users' prefixes
+    assert delrec.epoch_batches([temporal, simulated], 16, seed=42, epoch=0) == first
+    assert delrec.epoch_batches([temporal, simulated], 16, seed=42, epoch=1) != first
+
+
 def test_scores_cover_every_candidate_and_match_a_full_forward(tiny):
     llm, prompts = tiny
     model = delrec.SoftPromptLM(llm, 3).eval()
