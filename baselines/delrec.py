@@ -206,6 +206,7 @@ def train_stage(stage, model, params, tasks, epochs, args, device, progress, all
             break
         start = time.time()
         batches = epoch_batches(tasks, args.batch_size, progress["seed"], epoch)
+        model.train()  # validation leaves it in eval mode, and the LLM loads in it: dropout, where the LLM has any
         loss = train_epoch(model, opt, batches, device, f"stage {stage}, epoch {epoch + 1}", epoch * len(batches), hook)
         trained = time.time()
         if validate:
