@@ -14,7 +14,8 @@ Stage 1 (pattern distillation): only `--virtual-tokens` prompt embeddings train,
 tasks mixed with a dynamic weight (each task weighted by its share of the summed loss, so the lagging
 task gets more): Temporal Analysis (the history and the item that came after a gap: name the item in the
 gap) and Recommendation Pattern Simulating (name the teacher's top-1 among its top-10 and 10 random items).
-Stage 2: the soft prompt is frozen, AdaLoRA adapts the LLM to name the true next item among 20 candidates.
+Stage 2: the soft prompt is frozen, AdaLoRA (with its orthogonality regulariser) adapts the LLM to name the
+true next item among 20 candidates.
 Scoring: the log-likelihood of each candidate's whole name after the prompt (the sum over its tokens: the
 probability that the LLM writes that name, the order beam search would generate the candidates in), so every
 candidate gets a score. Items are named by title where the data has them (ml-100k), else "item <id>" (Beauty).
@@ -148,19 +149,33 @@ class SoftPromptLM(nn.Module):
         return (logp * real).sum(1).cpu()
 
 
-def train_epoch(model, opt, batches, device, desc, first_step=0, step_hook=None):
+def train_epoch(model, opt, batches, device, desc, first_step=0, step_hook=None, penalty=None):
     """One pass of AdamW over batches of (task name, samples); the two distillation tasks share each step
-    with dynamic weights: weight_i = loss_i / sum of losses (detached)."""
+    with dynamic weights: weight_i = loss_i / sum of losses (detached). `penalty()`: a regulariser added to each
+    step's loss (AdaLoRA's, stage 2). Returns the last step's loss without it."""
     for step, tasks in enumerate(tqdm(batches, desc=desc, leave=False), first_step):
         losses = [model.target_nll(samples, device) for samples in tasks]
         total = sum(losses)
         loss = sum(loss * (loss.detach() / total.detach()) for loss in losses) if len(losses) > 1 else total
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + penalty() if penalty else loss).backward()
         opt.step()
         if step_hook:
             step_hook(step)
     return loss.item()
+
+
+def adalora_orthogonality(llm):
+    """AdaLoRA's regulariser: how far each adapter's P (lora_B) and Q (lora_A) are from orthonormal, the mean
+    Frobenius norm of P^T P - I and Q Q^T - I, times the config's orth_reg_weight. It keeps the singular values,
+    by which AdaLoRA prunes ranks, meaningful. peft adds it only to a loss that its own forward computes; target_nll
+    computes ours outside it, so stage 2 adds it by hand."""
+    norms = []
+    for name, p in llm.named_parameters():
+        if p.requires_grad and ("lora_A" in name or "lora_B" in name):
+            gram = p @ p.T if "lora_A" in name else p.T @ p
+            norms.append(torch.linalg.matrix_norm(gram - torch.eye(len(gram), device=p.device, dtype=p.dtype)))
+    return llm.peft_config["default"].orth_reg_weight * torch.stack(norms).mean()
 
 
 ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # what AdaLoRA's rank allocator learns as it goes
@@ -201,13 +216,15 @@ def train_stage(stage, model, params, tasks, epochs, args, device, progress, all
     opt = torch.optim.AdamW(params, lr=args.lr)
     done, loss, early = resume_stage(stage, epochs, model, params, opt, allocator, progress["resumed"], args.patience)
     hook = (lambda step: model.llm.base_model.update_and_allocate(step)) if allocator is not None else None
+    penalty = (lambda: adalora_orthogonality(model.llm)) if allocator is not None else None
     for epoch in range(done, epochs):
         if validate and early.stop():
             break
         start = time.time()
         batches = epoch_batches(tasks, args.batch_size, progress["seed"], epoch)
         model.train()  # validation leaves it in eval mode, and the LLM loads in it: dropout, where the LLM has any
-        loss = train_epoch(model, opt, batches, device, f"stage {stage}, epoch {epoch + 1}", epoch * len(batches), hook)
+        loss = train_epoch(model, opt, batches, device, f"stage {stage}, epoch {epoch + 1}", epoch * len(batches), hook,
+                           penalty)
         trained = time.time()
         if validate:
             early.update(validate(), params)

@@ -76,6 +76,18 @@ def test_each_epoch_steps_through_every_sample_once_in_a_fresh_order_that_a_resu
     assert delrec.epoch_batches([temporal, simulated], 16, seed=42, epoch=1) != first
 
 
+def test_stage2_penalty_is_the_one_adalora_adds_to_a_loss_its_forward_computes(tiny_llm):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = delrec.SoftPromptLM(AutoModelForCausalLM.from_pretrained(tiny_llm).requires_grad_(False), 0)
+    delrec.add_adalora(model, total_step=10)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with_penalty = model.llm.base_model(input_ids=ids, labels=ids).loss  # AdaLoraModel.forward adds it
+    plain = model.llm.get_base_model()(input_ids=ids, labels=ids).loss  # the adapted LLM alone
+    penalty = delrec.adalora_orthogonality(model.llm)
+    assert penalty > 0 and torch.allclose(with_penalty - plain, penalty)
+
+
 def test_scores_cover_every_candidate_and_match_a_full_forward(tiny):
     llm, prompts = tiny
     model = delrec.SoftPromptLM(llm, 3).eval()
