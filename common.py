@@ -1146,6 +1146,13 @@ def fit_batch_size(trial_step, params, batch_size, device):
     return size
 
 
+def shuffled_batches(samples, size, rng):
+    """The samples in an order drawn from `rng`, cut into batches of `size` (the baselines' epochs)."""
+    order = list(samples)
+    rng.shuffle(order)
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
 def longest(samples, n, length):
     """The `n` samples with the most tokens (`length(sample)`): a trial step on them needs the most memory."""
     return sorted(samples, key=length)[-n:]

@@ -46,7 +46,7 @@ from common import (EarlyStopping, Stopwatch, UserError, add_common_args, add_sc
                     fit_batch_size, load_dataset, load_llm, load_teacher_and_student, longest, pick_device,
                     pick_users, popularity_scores, random_unseen, rank_systems, ranking_cases, run_main, run_seeds,
                     sasrec_scores, save_atomic, save_checkpoint, scaled, scoring_batch, seed_everything,
-                    set_rng_state, stage_dir, train_prefixes)
+                    set_rng_state, shuffled_batches, stage_dir, train_prefixes)
 
 KS = (1, 5, 10)
 
@@ -257,17 +257,12 @@ def sample_tokens(sample):
     return len(prompt) + len(target)
 
 
-def chunks(samples, size):
-    return [samples[i:i + size] for i in range(0, len(samples), size)]
-
-
 def epoch_batches(tasks, batch_size, seed, epoch):
     """One epoch's steps: each task's samples in a fresh order, cut into batches; step i holds batch i of every
     task. The order comes from the seed and the epoch alone, so a resumed run replays it. Unshuffled, a step would
     hold a handful of users' prefixes, and the same ones every epoch."""
     rng = random.Random(seed + epoch)
-    orders = [rng.sample(samples, len(samples)) for samples in tasks]
-    return [list(step) for step in zip(*(chunks(order, batch_size) for order in orders))]
+    return [list(step) for step in zip(*(shuffled_batches(samples, batch_size, rng) for samples in tasks))]
 
 
 def rank_metrics(rank):

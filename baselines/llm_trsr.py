@@ -52,7 +52,7 @@ from common import (EarlyStopping, Stopwatch, UserError, add_common_args, add_sc
                     llm_fingerprint, load_dataset, load_llm, load_teacher_and_student, longest, matmul_dtype,
                     pick_device, pick_users, popularity_scores, random_unseen, rank_systems, ranking_cases, run_main,
                     run_seeds, save_atomic, save_checkpoint, scaled, scoring_batch, seed_everything, set_rng_state,
-                    stage_dir, train_prefixes)
+                    shuffled_batches, stage_dir, train_prefixes)
 
 KS = (3, 5, 10)
 PARADIGMS = ("hierarchical", "recurrent")
@@ -276,9 +276,7 @@ def train(llm, params, samples, answers, args, device, progress, validate):
             break
         llm.train()
         start = time.time()
-        order = list(samples)
-        random.Random(progress["seed"] + epoch).shuffle(order)
-        batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+        batches = shuffled_batches(samples, args.batch_size, random.Random(progress["seed"] + epoch))
         for batch in tqdm(batches, desc=f"LoRA epoch {epoch + 1}", leave=False):
             step_loss = batch_loss(llm, batch, answers, device)
             opt.zero_grad(set_to_none=True)

@@ -40,7 +40,7 @@ def test_same_seed_gives_the_same_weights_on_real_data_with_threaded_kernels(tmp
     there ended 7e-6 apart from run to run before common.seed_everything asked for deterministic kernels."""
     run_stage("01_prepare.py", "--data", "ml-100k", "--out", tmp_path)
     weights = []
-    for run in ("first", "second"):
+    for _ in range(2):
         run_stage("02_teacher.py", "--data", "ml-100k", "--out", tmp_path, "--device", "cpu", "--epochs", 1, "--force")
         weights.append(torch.load(tmp_path / "ml-100k" / "teacher.pt", weights_only=False)["state"])
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
