@@ -152,7 +152,9 @@ class SoftPromptLM(nn.Module):
 def train_epoch(model, opt, batches, device, desc, first_step=0, step_hook=None, penalty=None):
     """One pass of AdamW over batches of (task name, samples); the two distillation tasks share each step
     with dynamic weights: weight_i = loss_i / sum of losses (detached). `penalty()`: a regulariser added to each
-    step's loss (AdaLoRA's, stage 2). Returns the last step's loss without it."""
+    step's loss (AdaLoRA's, stage 2). Returns the epoch's mean step loss without it (the last step's alone would
+    speak of the few samples it held)."""
+    summed = 0.0
     for step, tasks in enumerate(tqdm(batches, desc=desc, leave=False), first_step):
         losses = [model.target_nll(samples, device) for samples in tasks]
         total = sum(losses)
@@ -162,7 +164,8 @@ def train_epoch(model, opt, batches, device, desc, first_step=0, step_hook=None,
         opt.step()
         if step_hook:
             step_hook(step)
-    return loss.item()
+        summed = summed + loss.detach()  # a tensor: no wait for the GPU at every step
+    return float(summed) / len(batches)
 
 
 def adalora_orthogonality(llm):
@@ -190,7 +193,7 @@ def allocator_state(model, allocator):
 
 
 def resume_stage(stage, epochs, model, params, opt, allocator, saved, patience):
-    """(epochs done, last loss, early stopping) of `stage` in what an interrupted run left, with its weights restored,
+    """(epochs done, last epoch's loss, early stopping) of `stage` in what an interrupted run left, with its weights restored,
     and, when it stopped inside this stage, the optimiser and AdaLoRA's allocator too."""
     if saved is None or saved["stage"] < stage:
         return 0, None, EarlyStopping(patience)
@@ -212,7 +215,7 @@ def train_stage(stage, model, params, tasks, epochs, args, device, progress, all
     ending in a checkpoint (`progress`: its path, settings, and what an interrupted run left), so that after Ctrl-C
     or kill -9 the same command resumes after the last whole epoch. `allocator`: AdaLoRA's rank allocator (stage 2),
     whose state is saved along. `validate`: a score per epoch; the stage then stops once it has not improved for
-    --patience epochs and keeps its best epoch's weights. Returns the last loss and the early stopping record."""
+    --patience epochs and keeps its best epoch's weights. Returns the last epoch's mean loss and the early stopping record."""
     opt = torch.optim.AdamW(params, lr=args.lr)
     done, loss, early = resume_stage(stage, epochs, model, params, opt, allocator, progress["resumed"], args.patience)
     hook = (lambda step: model.llm.base_model.update_and_allocate(step)) if allocator is not None else None
@@ -230,7 +233,7 @@ def train_stage(stage, model, params, tasks, epochs, args, device, progress, all
             early.update(validate(), params)
         scored = f", validation NDCG@10 {early.scores[-1]:.4f}" if validate else ""
         took = f"training {trained - start:.0f} s" + (f", validation {time.time() - trained:.0f} s" if validate else "")
-        print(f"seed {progress['seed']}, stage {stage}, epoch {epoch + 1}: last loss {loss:.3f}{scored} ({took})")
+        print(f"seed {progress['seed']}, stage {stage}, epoch {epoch + 1}: training loss {loss:.3f}{scored} ({took})")
         progress["params"][stage] = [p.detach().cpu().clone() for p in params]
         progress["stage_losses"][stage] = loss
         save_checkpoint(progress["path"], progress["settings"], epoch + 1, [], stage=stage, loss=loss,
@@ -371,7 +374,7 @@ def run_seed(seed, args, data, device, references, progress):
                                              [model.soft], args.batch_size, device)
             loss, _ = train_stage(1, model, [model.soft], [temporal, simulated], args.stage1_epochs, args, device,
                                   progress)
-        print(f"seed {seed}, stage 1: {len(temporal)} temporal + {len(simulated)} simulating samples, last loss {loss:.3f}")
+        print(f"seed {seed}, stage 1: {len(temporal)} temporal + {len(simulated)} simulating samples, training loss {loss:.3f}")
         if seed == args.seeds[0]:
             save_atomic({"soft": model.soft.detach().cpu(), "seed": seed, "args": vars(args)},
                         os.path.join(stage_dir(args), "delrec_soft_prompt.pt"),
@@ -399,7 +402,7 @@ def run_seed(seed, args, data, device, references, progress):
     with llm_time:
         loss, early = train_stage(2, model, params, [recs], args.stage2_epochs, args, device, progress, allocator,
                                   validate)
-    print(f"seed {seed}, stage 2: {len(recs)} samples, last loss {loss:.3f}, best epoch {early.best_epoch} of "
+    print(f"seed {seed}, stage 2: {len(recs)} samples, training loss {loss:.3f}, best epoch {early.best_epoch} of "
           f"{len(early.scores)} (validation NDCG@10 {' '.join(f'{v:.4f}' for v in early.scores)})")
 
     model.eval()

@@ -261,7 +261,7 @@ def train(llm, params, samples, answers, args, device, progress, validate):
     """AdamW on the cross-entropy of the answer token ("Yes" or "No") after each prompt, over the vocabulary, for
     up to --epochs epochs; stops once `validate()` has not improved for --patience epochs and keeps the best epoch.
     Every epoch ends in a checkpoint (`progress`): after Ctrl-C or kill -9 the same command resumes after the last
-    whole epoch. Returns the last loss and the early stopping record."""
+    whole epoch. Returns the last epoch's mean step loss and the early stopping record."""
     opt = torch.optim.AdamW(params, lr=args.lr)
     start, loss, early = 0, None, EarlyStopping(args.patience)
     resumed = progress["resumed"]
@@ -277,16 +277,18 @@ def train(llm, params, samples, answers, args, device, progress, validate):
         llm.train()
         start = time.time()
         batches = shuffled_batches(samples, args.batch_size, random.Random(progress["seed"] + epoch))
+        summed = 0.0
         for batch in tqdm(batches, desc=f"LoRA epoch {epoch + 1}", leave=False):
             step_loss = batch_loss(llm, batch, answers, device)
             opt.zero_grad(set_to_none=True)
             step_loss.backward()
             opt.step()
-        loss = step_loss.item()
+            summed = summed + step_loss.detach()  # a tensor: no wait for the GPU at every step
+        loss = float(summed) / len(batches)
         llm.eval()
         trained = time.time()
         early.update(validate(), params)
-        print(f"seed {progress['seed']}, LoRA epoch {epoch + 1}: last loss {loss:.3f}, validation MRR@10 "
+        print(f"seed {progress['seed']}, LoRA epoch {epoch + 1}: training loss {loss:.3f}, validation MRR@10 "
               f"{early.scores[-1]:.4f} (training {trained - start:.0f} s, validation {time.time() - trained:.0f} s)")
         save_checkpoint(progress["path"], progress["settings"], epoch + 1, [], params=[p.detach().cpu() for p in params],
                         optimizer=opt.state_dict(), loss=loss, early=early.state(), seed=progress["seed"],
@@ -423,7 +425,7 @@ def run_seed(seed, args, data, device, references, progress):
 
     with llm_time:
         loss, early = train(llm, params, samples, answers, args, device, progress, validate)
-    print(f"seed {seed}, LoRA: {len(samples)} samples (1:1 Yes and No), last loss {loss:.3f}, best epoch "
+    print(f"seed {seed}, LoRA: {len(samples)} samples (1:1 Yes and No), training loss {loss:.3f}, best epoch "
           f"{early.best_epoch} of {len(early.scores)} (validation MRR@10 {' '.join(f'{v:.4f}' for v in early.scores)})")
 
     # 3. test: every system ranks the same candidates

@@ -65,6 +65,19 @@ def test_stage2_adalora_trains(tiny_llm, tiny):
     assert not model.soft.requires_grad
 
 
+def test_an_epoch_reports_the_mean_of_its_step_losses(tiny):
+    llm, prompts = tiny
+    torch.manual_seed(0)
+    model, cpu = delrec.SoftPromptLM(llm, 4), torch.device("cpu")
+    first = [(prompts.temporal([1, 2, 3], 5), prompts.name_ids(4))]
+    second = [(prompts.ranking([1, 2], list(range(10, 30))), prompts.name_ids(12))]
+    step_losses = [model.target_nll(batch, cpu).item() for batch in (first, second)]
+    frozen = torch.optim.AdamW([model.soft], lr=0.0)  # the steps change nothing: each loss is the one above
+    loss = delrec.train_epoch(model, frozen, [[first], [second]], cpu, "t")
+    assert step_losses[0] != pytest.approx(step_losses[1])
+    assert loss == pytest.approx(sum(step_losses) / 2)
+
+
 def test_each_epoch_steps_through_every_sample_once_in_a_fresh_order_that_a_resumed_run_replays():
     temporal, simulated = list(range(100)), list(range(100, 200))
     first = delrec.epoch_batches([temporal, simulated], 16, seed=42, epoch=0)
