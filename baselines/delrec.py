@@ -193,8 +193,8 @@ def allocator_state(model, allocator):
 
 
 def resume_stage(stage, epochs, model, params, opt, allocator, saved, patience):
-    """(epochs done, last epoch's loss, early stopping) of `stage` in what an interrupted run left, with its weights restored,
-    and, when it stopped inside this stage, the optimiser and AdaLoRA's allocator too."""
+    """(epochs done, last epoch's loss, early stopping) of `stage` in what an interrupted run left, with its weights
+    restored, and, when it stopped inside this stage, the optimiser and AdaLoRA's allocator too."""
     if saved is None or saved["stage"] < stage:
         return 0, None, EarlyStopping(patience)
     with torch.no_grad():
@@ -215,7 +215,8 @@ def train_stage(stage, model, params, tasks, epochs, args, device, progress, all
     ending in a checkpoint (`progress`: its path, settings, and what an interrupted run left), so that after Ctrl-C
     or kill -9 the same command resumes after the last whole epoch. `allocator`: AdaLoRA's rank allocator (stage 2),
     whose state is saved along. `validate`: a score per epoch; the stage then stops once it has not improved for
-    --patience epochs and keeps its best epoch's weights. Returns the last epoch's mean loss and the early stopping record."""
+    --patience epochs and keeps its best epoch's weights. Returns the last epoch's mean loss and the early stopping
+    record."""
     opt = torch.optim.AdamW(params, lr=args.lr)
     done, loss, early = resume_stage(stage, epochs, model, params, opt, allocator, progress["resumed"], args.patience)
     hook = (lambda step: model.llm.base_model.update_and_allocate(step)) if allocator is not None else None
@@ -374,7 +375,8 @@ def run_seed(seed, args, data, device, references, progress):
                                              [model.soft], args.batch_size, device)
             loss, _ = train_stage(1, model, [model.soft], [temporal, simulated], args.stage1_epochs, args, device,
                                   progress)
-        print(f"seed {seed}, stage 1: {len(temporal)} temporal + {len(simulated)} simulating samples, training loss {loss:.3f}")
+        print(f"seed {seed}, stage 1: {len(temporal)} temporal + {len(simulated)} simulating samples, "
+              f"training loss {loss:.3f}")
         if seed == args.seeds[0]:
             save_atomic({"soft": model.soft.detach().cpu(), "seed": seed, "args": vars(args)},
                         os.path.join(stage_dir(args), "delrec_soft_prompt.pt"),
