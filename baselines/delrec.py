@@ -18,7 +18,9 @@ Stage 2: the soft prompt is frozen, AdaLoRA (with its orthogonality regulariser)
 true next item among 20 candidates.
 Scoring: the log-likelihood of each candidate's whole name after the prompt (the sum over its tokens: the
 probability that the LLM writes that name, the order beam search would generate the candidates in), so every
-candidate gets a score. Items are named by title where the data has them (ml-100k), else "item <id>" (Beauty).
+candidate gets a score. Items are named by title where the data has them (ml-100k), else "item <id>" (Beauty);
+`--item-names token` names each by one new token instead, whose embedding both stages train (the LLM knows nothing
+of "item 4821" either way; a token gives the item its own row to learn, input and output alike).
 `--no-stage1` is the paper's ablation: stage 2 with no distilled prompt.
 Two scales (--scale): on a CPU, small defaults (300 training users, their last training item, one epoch per stage)
 keep the tests and a smoke run quick; on a GPU, full ones: every user and the last 20 prefixes of its train split,
@@ -44,25 +46,38 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (EarlyStopping, Stopwatch, UserError, add_common_args, add_scale_args, candidate_set,  # noqa: E402
                     check_nonnegative, check_positive, compile_blocks, expected_at_random, fill_scale_defaults,
                     fit_batch_size, load_dataset, load_llm, load_teacher_and_student, longest, pick_device,
-                    pick_users, popularity_scores, random_unseen, rank_systems, ranking_cases, run_main, run_seeds,
-                    sasrec_scores, save_atomic, save_checkpoint, scaled, scoring_batch, seed_everything,
-                    set_rng_state, shuffled_batches, stage_dir, train_prefixes)
+                    pick_users, popularity_scores, PromptBuilder, random_unseen, rank_systems, ranking_cases,
+                    run_main, run_seeds, sasrec_scores, save_atomic, save_checkpoint, scaled, scoring_batch,
+                    seed_everything, set_rng_state, shuffled_batches, stage_dir, train_prefixes)
 
 KS = (1, 5, 10)
 
 
-class Prompts:
-    """Token ids of the three DELRec prompts; items are named by title (or 'item <id>')."""
+ITEM_NAMES = ("title", "id", "token")
 
-    def __init__(self, tokenizer, titles, max_history):
-        self.tok, self.titles, self.max_history = tokenizer, titles or [], max_history
+
+class Prompts:
+    """Token ids of the three DELRec prompts. Items are named (`names`) by title ('title'), as 'item <id>' ('id'),
+    or by one new token each ('token': '<item_7>', added to the tokenizer as ids first_token, first_token + 1, ...;
+    SoftPromptLM holds their embeddings)."""
+
+    def __init__(self, tokenizer, titles, max_history, names="title", num_items=0):
+        self.tok, self.titles, self.max_history, self.names = tokenizer, titles or [], max_history, names
         counts = Counter(self.titles)
         self.shared = {title for title, n in counts.items() if n > 1}  # two films called "Hamlet"
         self.cache = {}
+        self.first_token = None
+        if names == "token":
+            tokenizer.add_tokens([f"<item_{i}>" for i in range(1, num_items + 1)])
+            self.first_token = tokenizer.convert_tokens_to_ids("<item_1>")
+            assert tokenizer.convert_tokens_to_ids(f"<item_{num_items}>") == self.first_token + num_items - 1
 
     def name(self, item):
-        """The item's title (indexed by item ID); the ID where it has none or shares it with another item."""
-        title = self.titles[item] if item < len(self.titles) else ""
+        """The item's token, or its title (indexed by item ID), or its ID where it has no title or shares it with
+        another item."""
+        if self.names == "token":
+            return f"<item_{item}>"
+        title = self.titles[item] if self.names == "title" and item < len(self.titles) else ""
         if not title:
             return f"item {item}"
         return title if title not in self.shared else f"{title} (item {item})"
@@ -85,21 +100,47 @@ class Prompts:
 
 
 class SoftPromptLM(nn.Module):
-    """A causal LM whose input starts with `n` trainable virtual-token embeddings (none when n = 0)."""
+    """A causal LM whose input starts with `n` trainable virtual-token embeddings (none when n = 0). With
+    `item_tokens` (the first item token's id, the number of items), token ids from the first item token on stand
+    for items: each item has one trainable embedding, which is its input embedding and, as in an LLM with tied
+    embeddings, its output row too."""
 
-    def __init__(self, llm, n):
+    def __init__(self, llm, n, item_tokens=None):
         super().__init__()
         self.llm = llm
         emb = llm.get_input_embeddings().weight
         start = emb[torch.randint(len(emb), (n,))].detach().float().clone()  # real tokens: a sane scale
         self.soft = nn.Parameter(start)
+        self.item_emb = None
+        if item_tokens is not None:
+            self.first_item_token, num_items = item_tokens
+            self.item_emb = nn.Embedding(num_items + 1, emb.shape[1])
+            nn.init.normal_(self.item_emb.weight, std=emb.float().std().item())  # an ordinary token's scale
+
+    def item_params(self):
+        return [] if self.item_emb is None else [self.item_emb.weight]
+
+    def token_embeds(self, ids):
+        """Input embeddings of token ids, item tokens among them."""
+        if self.item_emb is None:
+            return self.llm.get_input_embeddings()(ids)
+        embeds = self.llm.get_input_embeddings()(ids.clamp(max=self.first_item_token - 1))
+        items = self.item_emb((ids - self.first_item_token + 1).clamp(min=0))
+        return torch.where((ids >= self.first_item_token)[..., None], items.to(embeds.dtype), embeds)
+
+    def logits(self, head, hidden):
+        """Next-token logits over the LLM's tokens, then the items' (a token id indexes them either way)."""
+        if self.item_emb is None:
+            return head(hidden)
+        items = hidden @ self.item_emb.weight[1:].to(hidden.dtype).T
+        return torch.cat([head(hidden)[..., :self.first_item_token], items], -1)
 
     def decoder_and_head(self):
         model = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
         return model.get_decoder(), model.get_output_embeddings()
 
     def embed(self, ids):
-        tokens = self.llm.get_input_embeddings()(ids)
+        tokens = self.token_embeds(ids)
         return torch.cat([self.soft.to(tokens.dtype).expand(len(ids), -1, -1), tokens], 1)
 
     def target_nll(self, samples, device, per_sample=False):
@@ -116,7 +157,7 @@ class SoftPromptLM(nn.Module):
         hidden = decoder(inputs_embeds=self.embed(ids), use_cache=False).last_hidden_state[:, len(self.soft):]
         # position j predicts token j + 1: read only the positions that predict a target token
         pred = labels[:, 1:] != -100
-        logits = head(hidden[:, :-1][pred]).float()
+        logits = self.logits(head, hidden[:, :-1][pred]).float()
         if not per_sample:
             return F.cross_entropy(logits, labels[:, 1:][pred])
         nll = F.cross_entropy(logits, labels[:, 1:][pred], reduction="none")
@@ -141,9 +182,9 @@ class SoftPromptLM(nn.Module):
         ids = torch.zeros(len(names), L, dtype=torch.long, device=device)
         for row, n in enumerate(names):
             ids[row, :len(n)] = torch.tensor(n)
-        hidden = decoder(inputs_embeds=self.llm.get_input_embeddings()(ids), past_key_values=cache).last_hidden_state
+        hidden = decoder(inputs_embeds=self.token_embeds(ids), past_key_values=cache).last_hidden_state
         hidden = torch.cat([out.last_hidden_state[:, -1:].expand(len(names), -1, -1), hidden[:, :-1]], 1)
-        logp = head(hidden).float().log_softmax(-1).gather(2, ids[..., None])[..., 0]
+        logp = self.logits(head, hidden).float().log_softmax(-1).gather(2, ids[..., None])[..., 0]
         lengths = torch.tensor([len(n) for n in names], device=device)
         real = torch.arange(L, device=device) < lengths[:, None]  # the names' own tokens, not padding
         return (logp * real).sum(1).cpu()
@@ -288,6 +329,8 @@ def parse_args():
     parser.add_argument("--virtual-tokens", type=int, default=20, help="soft prompt length (the paper: 100)")
     parser.add_argument("--candidates", type=int, default=20, help="items ranked per test case")
     parser.add_argument("--max-history", type=int, default=10, help="most recent items in a prompt")
+    parser.add_argument("--item-names", choices=ITEM_NAMES, help="how prompts name items: by title (the default where "
+                        "the data has titles), 'item <id>' (the default otherwise) or one new token each, learned")
     parser.add_argument("--test-users", type=int, default=0, help="users scored (0: all)")
     parser.add_argument("--stage1-epochs", type=int, default=1, help="passes of pattern distillation")
     parser.add_argument("--stage2-epochs", type=int, help=scaled(SCALES, "stage2_epochs", "epoch ceiling of the "
@@ -300,6 +343,7 @@ def parse_args():
     parser.add_argument("--no-stage1", action="store_true", help="ablation: stage 2 without a distilled soft prompt")
     args = parser.parse_args()
     device = pick_device(args.device)
+
     fill_scale_defaults(args, device, SCALES)
     check_positive(args, "virtual_tokens", "max_history", "stage1_epochs", "stage2_epochs", "patience", "batch_size",
                    "lr")
@@ -355,8 +399,9 @@ def run_seed(seed, args, data, device, references, progress):
     seqs, num_items = data["sequences"], data["num_items"]
     llm, tokenizer = load_llm(args.llm, device, lm_head=True)
     llm.requires_grad_(False)
-    prompts = Prompts(tokenizer, data["item_titles"], args.max_history)
-    model = SoftPromptLM(llm, 0 if args.no_stage1 else args.virtual_tokens).to(device)
+    prompts = Prompts(tokenizer, data["item_titles"], args.max_history, args.item_names, num_items)
+    item_tokens = (prompts.first_token, num_items) if args.item_names == "token" else None
+    model = SoftPromptLM(llm, 0 if args.no_stage1 else args.virtual_tokens, item_tokens).to(device)
     users = pick_users(len(seqs), args.train_users, rng)
     resumed = progress["resumed"]
     progress.update(params=resumed["params"] if resumed else {}, stage_losses=resumed["stage_losses"] if resumed else {})
@@ -366,19 +411,20 @@ def run_seed(seed, args, data, device, references, progress):
               f"epoch {progress['resumed']['epoch']} was done")
 
     llm_time = Stopwatch()  # batch fitting, training, validation and scoring
-    if not args.no_stage1:  # stage 1: only the soft prompt learns (its samples are drawn again on resuming, alike)
+    if not args.no_stage1:  # stage 1: the soft prompt (and item tokens) learn (samples drawn again on resuming, alike)
         temporal, simulated = stage1_samples(seqs, users, prompts, references["SASRec teacher"], num_items, args.candidates,
                                              args.prefixes, rng)
         with llm_time:
             args.batch_size = fit_batch_size(lambda n: sum(model.target_nll(longest(task, n, sample_tokens), device)
                                                            for task in (temporal, simulated)).backward(),
-                                             [model.soft], args.batch_size, device)
-            loss, _ = train_stage(1, model, [model.soft], [temporal, simulated], args.stage1_epochs, args, device,
-                                  progress)
+                                             [model.soft, *model.item_params()], args.batch_size, device)
+            loss, _ = train_stage(1, model, [model.soft, *model.item_params()], [temporal, simulated],
+                                  args.stage1_epochs, args, device, progress)
         print(f"seed {seed}, stage 1: {len(temporal)} temporal + {len(simulated)} simulating samples, "
               f"training loss {loss:.3f}")
         if seed == args.seeds[0]:
-            save_atomic({"soft": model.soft.detach().cpu(), "seed": seed, "args": vars(args)},
+            save_atomic({"soft": model.soft.detach().cpu(), "seed": seed, "args": vars(args),
+                         "item_emb": None if model.item_emb is None else model.item_emb.weight.detach().cpu()},
                         os.path.join(stage_dir(args), "delrec_soft_prompt.pt"),
                         {"args": vars(args), "dataset_fingerprint": data["fingerprint"]})
 
@@ -386,6 +432,7 @@ def run_seed(seed, args, data, device, references, progress):
     model.soft.requires_grad_(False)
     recs = stage2_samples(seqs, users, prompts, num_items, args.candidates, args.prefixes, rng)
     params, allocator = add_adalora(model, math.ceil(len(recs) / args.batch_size) * args.stage2_epochs)
+    params += model.item_params()
     if args.compile:  # now that AdaLoRA is in the blocks
         compile_blocks(model.llm)
     with llm_time:  # the trial step is where --compile compiles
@@ -423,6 +470,8 @@ def run_seed(seed, args, data, device, references, progress):
 def main():
     args, device = parse_args()
     data = load_dataset(args)
+    args.item_names = args.item_names or ("title" if data["item_titles"] else "id")
+    PromptBuilder.check_titles(args.item_names, data["item_titles"], "--item-names title")
     teacher, student = load_teacher_and_student(args, data["num_items"])
     references = {"SASRec teacher": teacher, "P2Rec student": student}
     run_seeds(args, data, "delrec_no_stage1" if args.no_stage1 else "delrec",

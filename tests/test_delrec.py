@@ -166,7 +166,63 @@ def test_killed_run_resumes_to_the_same_metrics(pipeline, tmp_path, tiny_llm):
     assert resumed == whole
 
 
+@pytest.fixture(scope="module")
+def tokens(tiny_llm):
+    """The tiny LLM, and prompts naming 30 items by one new token each; also the tokenizer's size before them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
+    vocab = len(tokenizer)
+    prompts = delrec.Prompts(tokenizer, None, max_history=5, names="token", num_items=30)
+    return AutoModelForCausalLM.from_pretrained(tiny_llm).requires_grad_(False), prompts, vocab
+
+
+def test_item_tokens_are_rows_of_their_own_in_and_out(tokens):
+    llm, prompts, vocab = tokens
+    assert prompts.first_token == vocab and prompts.name_ids(7)[-1] == vocab + 6
+    torch.manual_seed(0)
+    model = delrec.SoftPromptLM(llm, 3, (prompts.first_token, 30))
+    embeds = model.token_embeds(torch.tensor([[5, vocab + 6]]))
+    assert torch.equal(embeds[0, 0], llm.get_input_embeddings().weight[5])
+    assert torch.equal(embeds[0, 1], model.item_emb.weight[7])
+    hidden = torch.randn(2, llm.config.hidden_size)
+    logits = model.logits(llm.get_output_embeddings(), hidden)
+    assert logits.shape == (2, vocab + 30)
+    assert torch.allclose(logits[:, vocab + 6], hidden @ model.item_emb.weight[7])
+    assert torch.allclose(logits[:, :vocab], llm.get_output_embeddings()(hidden))
+
+
+def test_item_tokens_learn_in_stage1_and_score_alike_on_both_routes(tokens):
+    llm, prompts, _ = tokens
+    torch.manual_seed(0)
+    model, cpu = delrec.SoftPromptLM(llm, 3, (prompts.first_token, 30)), torch.device("cpu")
+    before, rows = {k: v.clone() for k, v in llm.state_dict().items()}, model.item_emb.weight.detach().clone()
+    samples = [(prompts.ranking([1, 2, 3], list(range(10, 30))), prompts.name_ids(12))]
+    first = model.target_nll(samples, cpu).item()
+    opt = torch.optim.AdamW([model.soft, *model.item_params()], lr=1e-2)
+    delrec.train_epoch(model, opt, [[samples]] * 10, cpu, "t")
+    assert model.target_nll(samples, cpu).item() < first
+    assert not torch.equal(model.item_emb.weight, rows)
+    assert all(torch.equal(before[k], v) for k, v in llm.state_dict().items())
+    cases = ranking_cases([list(range(1, 12)), [5, 9, 2, 7, 3]], [0, 1], 30, 11, random.Random(0), "test")
+    cached, batched = (delrec.model_scores(model.eval(), prompts, cases, cpu, size) for size in (0, 7))
+    for one, other in zip(cached, batched):
+        assert one.shape == (11,) and torch.allclose(one, other, atol=1e-4)
+
+
+def test_end_to_end_with_item_tokens(pipeline, tmp_path, tiny_llm):
+    out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt")
+    common = ["--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, *ARGS]
+    run_stage("baselines/delrec.py", *common, "--item-names", "token")
+    metrics = json.loads((out / "synth" / "delrec_metrics.json").read_text())["metrics"]
+    assert 0 <= metrics["DELRec"]["HR@1"] <= metrics["DELRec"]["HR@10"] <= 1
+    assert torch.load(out / "synth" / "delrec_soft_prompt.pt")["item_emb"].shape == (41, 32)  # 40 items and padding
+    proc = run_stage("baselines/delrec.py", *common, "--item-names", "title", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--item-names title needs item titles" in proc.stderr
+
+
 def test_items_are_named_by_title_or_id():
     prompts = delrec.Prompts(None, ["", "Hamlet", "Hamlet", "Heat", ""], max_history=5)
     assert [prompts.name(i) for i in (1, 2, 3, 4)] == ["Hamlet (item 1)", "Hamlet (item 2)", "Heat", "item 4"]
     assert delrec.Prompts(None, None, max_history=5).name(7) == "item 7"
+    assert delrec.Prompts(None, ["", "Heat"], max_history=5, names="id").name(1) == "item 1"
