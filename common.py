@@ -1078,6 +1078,52 @@ def ranking_cases(seqs, users, num_items, size, rng, split):
     return cases
 
 
+ITEM_NAMES = ("title", "id", "token")  # how the baselines' prompts name items (--item-names)
+
+
+def item_names(args, data):
+    """--item-names, its default filled in: by title where the data has titles, else 'item <id>'."""
+    names = args.item_names or ("title" if data["item_titles"] else "id")
+    PromptBuilder.check_titles(names, data["item_titles"], "--item-names title")
+    return names
+
+
+class ItemTokens(nn.Module):
+    """Items named by one new token each ('<item_7>'; --item-names token): the tokens are added to `tokenizer`, as
+    ids `first`, `first` + 1, ..., and each has a trainable embedding, learned from scratch (the LLM knows nothing
+    of 'item 4821' either; a token gives each item a row of its own to learn). `embed` puts it where the item's id
+    stands in the input; `logits` uses it as the item's output row too, as an LLM with tied embeddings does."""
+
+    def __init__(self, tokenizer, num_items, token_embeddings):
+        super().__init__()
+        tokenizer.add_tokens([self.name(i) for i in range(1, num_items + 1)])
+        self.first = tokenizer.convert_tokens_to_ids(self.name(1))
+        assert tokenizer.convert_tokens_to_ids(self.name(num_items)) == self.first + num_items - 1
+        self.emb = nn.Embedding(num_items + 1, token_embeddings.shape[1])
+        nn.init.normal_(self.emb.weight, std=token_embeddings.float().std().item())  # an ordinary token's scale
+
+    @staticmethod
+    def name(item):
+        return f"<item_{item}>"
+
+    def embed(self, input_embeddings, ids):
+        """Input embeddings of token ids, item tokens among them (`input_embeddings`: the LLM's own layer)."""
+        embeds = input_embeddings(ids.clamp(max=self.first - 1))
+        items = self.emb((ids - self.first + 1).clamp(min=0))
+        return torch.where((ids >= self.first)[..., None], items.to(embeds.dtype), embeds)
+
+    def logits(self, head, hidden):
+        """Next-token logits over the LLM's tokens, then the items': a token id indexes them either way."""
+        items = hidden @ self.emb.weight[1:].to(hidden.dtype).T
+        return torch.cat([head(hidden)[..., :self.first], items], -1)
+
+
+def embed_tokens(llm, ids, items=None):
+    """The LLM's input embeddings of token ids; with `items` (ItemTokens), item tokens among them."""
+    layer = llm.get_input_embeddings()
+    return layer(ids) if items is None else items.embed(layer, ids)
+
+
 class Stopwatch:
     """Seconds spent inside its `with` blocks, summed: the LLM's share of a baseline's wall time."""
 

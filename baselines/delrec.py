@@ -43,40 +43,32 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (EarlyStopping, Stopwatch, UserError, add_common_args, add_scale_args, candidate_set,  # noqa: E402
-                    check_nonnegative, check_positive, compile_blocks, expected_at_random, fill_scale_defaults,
-                    fit_batch_size, load_dataset, load_llm, load_teacher_and_student, longest, pick_device,
-                    pick_users, popularity_scores, PromptBuilder, random_unseen, rank_systems, ranking_cases,
-                    run_main, run_seeds, sasrec_scores, save_atomic, save_checkpoint, scaled, scoring_batch,
-                    seed_everything, set_rng_state, shuffled_batches, stage_dir, train_prefixes)
+from common import (ITEM_NAMES, EarlyStopping, ItemTokens, Stopwatch, UserError, add_common_args,  # noqa: E402
+                    add_scale_args, candidate_set, check_nonnegative, check_positive, compile_blocks, embed_tokens,
+                    expected_at_random, fill_scale_defaults, fit_batch_size, item_names, load_dataset, load_llm,
+                    load_teacher_and_student, longest, pick_device, pick_users, popularity_scores, random_unseen,
+                    rank_systems, ranking_cases, run_main, run_seeds, sasrec_scores, save_atomic, save_checkpoint,
+                    scaled, scoring_batch, seed_everything, set_rng_state, shuffled_batches, stage_dir,
+                    train_prefixes)
 
 KS = (1, 5, 10)
 
 
-ITEM_NAMES = ("title", "id", "token")
-
-
 class Prompts:
     """Token ids of the three DELRec prompts. Items are named (`names`) by title ('title'), as 'item <id>' ('id'),
-    or by one new token each ('token': '<item_7>', added to the tokenizer as ids first_token, first_token + 1, ...;
-    SoftPromptLM holds their embeddings)."""
+    or by their own token ('token': common.ItemTokens, which must have added the tokens to the tokenizer)."""
 
-    def __init__(self, tokenizer, titles, max_history, names="title", num_items=0):
+    def __init__(self, tokenizer, titles, max_history, names="title"):
         self.tok, self.titles, self.max_history, self.names = tokenizer, titles or [], max_history, names
         counts = Counter(self.titles)
         self.shared = {title for title, n in counts.items() if n > 1}  # two films called "Hamlet"
         self.cache = {}
-        self.first_token = None
-        if names == "token":
-            tokenizer.add_tokens([f"<item_{i}>" for i in range(1, num_items + 1)])
-            self.first_token = tokenizer.convert_tokens_to_ids("<item_1>")
-            assert tokenizer.convert_tokens_to_ids(f"<item_{num_items}>") == self.first_token + num_items - 1
 
     def name(self, item):
         """The item's token, or its title (indexed by item ID), or its ID where it has no title or shares it with
         another item."""
         if self.names == "token":
-            return f"<item_{item}>"
+            return ItemTokens.name(item)
         title = self.titles[item] if self.names == "title" and item < len(self.titles) else ""
         if not title:
             return f"item {item}"
@@ -100,40 +92,24 @@ class Prompts:
 
 
 class SoftPromptLM(nn.Module):
-    """A causal LM whose input starts with `n` trainable virtual-token embeddings (none when n = 0). With
-    `item_tokens` (the first item token's id, the number of items), token ids from the first item token on stand
-    for items: each item has one trainable embedding, which is its input embedding and, as in an LLM with tied
-    embeddings, its output row too."""
+    """A causal LM whose input starts with `n` trainable virtual-token embeddings (none when n = 0); with
+    `item_tokens` (common.ItemTokens), items are tokens of their own, in the input and the output."""
 
     def __init__(self, llm, n, item_tokens=None):
         super().__init__()
-        self.llm = llm
+        self.llm, self.items = llm, item_tokens
         emb = llm.get_input_embeddings().weight
         start = emb[torch.randint(len(emb), (n,))].detach().float().clone()  # real tokens: a sane scale
         self.soft = nn.Parameter(start)
-        self.item_emb = None
-        if item_tokens is not None:
-            self.first_item_token, num_items = item_tokens
-            self.item_emb = nn.Embedding(num_items + 1, emb.shape[1])
-            nn.init.normal_(self.item_emb.weight, std=emb.float().std().item())  # an ordinary token's scale
 
     def item_params(self):
-        return [] if self.item_emb is None else [self.item_emb.weight]
+        return [] if self.items is None else [self.items.emb.weight]
 
     def token_embeds(self, ids):
-        """Input embeddings of token ids, item tokens among them."""
-        if self.item_emb is None:
-            return self.llm.get_input_embeddings()(ids)
-        embeds = self.llm.get_input_embeddings()(ids.clamp(max=self.first_item_token - 1))
-        items = self.item_emb((ids - self.first_item_token + 1).clamp(min=0))
-        return torch.where((ids >= self.first_item_token)[..., None], items.to(embeds.dtype), embeds)
+        return embed_tokens(self.llm, ids, self.items)
 
     def logits(self, head, hidden):
-        """Next-token logits over the LLM's tokens, then the items' (a token id indexes them either way)."""
-        if self.item_emb is None:
-            return head(hidden)
-        items = hidden @ self.item_emb.weight[1:].to(hidden.dtype).T
-        return torch.cat([head(hidden)[..., :self.first_item_token], items], -1)
+        return head(hidden) if self.items is None else self.items.logits(head, hidden)
 
     def decoder_and_head(self):
         model = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
@@ -399,9 +375,9 @@ def run_seed(seed, args, data, device, references, progress):
     seqs, num_items = data["sequences"], data["num_items"]
     llm, tokenizer = load_llm(args.llm, device, lm_head=True)
     llm.requires_grad_(False)
-    prompts = Prompts(tokenizer, data["item_titles"], args.max_history, args.item_names, num_items)
-    item_tokens = (prompts.first_token, num_items) if args.item_names == "token" else None
-    model = SoftPromptLM(llm, 0 if args.no_stage1 else args.virtual_tokens, item_tokens).to(device)
+    prompts = Prompts(tokenizer, data["item_titles"], args.max_history, args.item_names)
+    items = ItemTokens(tokenizer, num_items, llm.get_input_embeddings().weight) if args.item_names == "token" else None
+    model = SoftPromptLM(llm, 0 if args.no_stage1 else args.virtual_tokens, items).to(device)
     users = pick_users(len(seqs), args.train_users, rng)
     resumed = progress["resumed"]
     progress.update(params=resumed["params"] if resumed else {}, stage_losses=resumed["stage_losses"] if resumed else {})
@@ -424,7 +400,7 @@ def run_seed(seed, args, data, device, references, progress):
               f"training loss {loss:.3f}")
         if seed == args.seeds[0]:
             save_atomic({"soft": model.soft.detach().cpu(), "seed": seed, "args": vars(args),
-                         "item_emb": None if model.item_emb is None else model.item_emb.weight.detach().cpu()},
+                         "item_emb": None if items is None else items.emb.weight.detach().cpu()},
                         os.path.join(stage_dir(args), "delrec_soft_prompt.pt"),
                         {"args": vars(args), "dataset_fingerprint": data["fingerprint"]})
 
@@ -470,8 +446,7 @@ def run_seed(seed, args, data, device, references, progress):
 def main():
     args, device = parse_args()
     data = load_dataset(args)
-    args.item_names = args.item_names or ("title" if data["item_titles"] else "id")
-    PromptBuilder.check_titles(args.item_names, data["item_titles"], "--item-names title")
+    args.item_names = item_names(args, data)
     teacher, student = load_teacher_and_student(args, data["num_items"])
     references = {"SASRec teacher": teacher, "P2Rec student": student}
     run_seeds(args, data, "delrec_no_stage1" if args.no_stage1 else "delrec",

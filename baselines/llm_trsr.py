@@ -20,7 +20,9 @@ under a third of the generations on ml-100k at 20 prefixes, a sixth on Beauty. T
 Blocks start at fixed positions, so a block (and a recurrent summary of the same blocks) reads the same
 for the training cut and the test cut of a user. Summaries are cached on disk, keyed by the items they
 read: a rerun (or the other paradigm, which shares the first block's summary) does not regenerate them.
-Items are named by title and genres where the data has them (ml-100k), else "item <id>" (Beauty).
+Items are named by title and genres where the data has them (ml-100k), else "item <id>" (Beauty);
+`--item-names token` names them in the recommender's prompts by one new token each, whose embedding the LoRA
+training learns along (the summaries keep titles or IDs: the frozen summariser knows no new token).
 
 Recommender: LoRA (r 8, alpha 16, on q/k/v/o) learns to answer "Yes" for the item that came next after a
 training prefix and "No" for a random item the user never touched (1:1). Score = softmax over the "Yes" and
@@ -47,12 +49,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (EarlyStopping, Stopwatch, UserError, add_common_args, add_scale_args, check_nonnegative,  # noqa: E402
-                    check_positive, compile_blocks, expected_at_random, fill_scale_defaults, fit_batch_size,
-                    llm_fingerprint, load_dataset, load_llm, load_teacher_and_student, longest, matmul_dtype,
-                    pick_device, pick_users, popularity_scores, random_unseen, rank_systems, ranking_cases, run_main,
-                    run_seeds, save_atomic, save_checkpoint, scaled, scoring_batch, seed_everything, set_rng_state,
-                    shuffled_batches, stage_dir, train_prefixes)
+from common import (ITEM_NAMES, EarlyStopping, ItemTokens, Stopwatch, UserError, add_common_args,  # noqa: E402
+                    add_scale_args, check_nonnegative, check_positive, compile_blocks, embed_tokens,
+                    expected_at_random, fill_scale_defaults, fit_batch_size, item_names, llm_fingerprint,
+                    load_dataset, load_llm, load_teacher_and_student, longest, matmul_dtype, pick_device, pick_users,
+                    popularity_scores, random_unseen, rank_systems, ranking_cases, run_main, run_seeds, save_atomic,
+                    save_checkpoint, scaled, scoring_batch, seed_everything, set_rng_state, shuffled_batches,
+                    stage_dir, train_prefixes)
 
 KS = (3, 5, 10)
 PARADIGMS = ("hierarchical", "recurrent")
@@ -71,10 +74,12 @@ NO_SUMMARY = "not summarised yet (fewer items than one block)"  # whole blocks, 
 
 
 class Texts:
-    """Every prompt of the method as text, wrapped in the LLM's chat template when it has one."""
+    """Every prompt of the method as text, wrapped in the LLM's chat template when it has one. Summaries name items
+    by title (with genres) or 'item <id>'; the recommender's prompts by the same, or by their own token (`tokens`:
+    common.ItemTokens, which must have added them to the tokenizer)."""
 
-    def __init__(self, tokenizer, titles, genres):
-        self.tok, self.titles, self.genres = tokenizer, titles, genres
+    def __init__(self, tokenizer, titles, genres, tokens=False):
+        self.tok, self.titles, self.genres, self.tokens = tokenizer, titles, genres, tokens
         if tokenizer.chat_template:
             chat = tokenizer.apply_chat_template([{"role": "user", "content": SLOT}], tokenize=False,
                                                  add_generation_prompt=True)
@@ -90,8 +95,11 @@ class Texts:
         genres = self.genres[item] if self.genres else []
         return f"{self.titles[item]} ({', '.join(genres)})" if genres else self.titles[item]
 
-    def items(self, items):
-        return "; ".join(self.item(i) for i in items)
+    def items(self, items, name=None):
+        return "; ".join(map(name or self.item, items))
+
+    def rec_item(self, item):
+        return ItemTokens.name(item) if self.tokens else self.item(item)
 
     def chat(self, text):
         return self.head + text + self.tail
@@ -112,11 +120,11 @@ class Texts:
     def user_ids(self, summary, recent):
         """The recommender prompt up to the candidate (token ids): the same for all of a user's candidates."""
         return self.tok(self.head + f"What the user likes: {summary}\nThe user's most recent items, oldest first: "
-                        f"{self.items(recent)}.\n", add_special_tokens=False).input_ids
+                        f"{self.items(recent, self.rec_item)}.\n", add_special_tokens=False).input_ids
 
     def candidate_ids(self, candidate):
         """The rest of the recommender prompt (token ids): the candidate and the question."""
-        return self.tok(f"Candidate: {self.item(candidate)}. Will the user interact with the candidate next? "
+        return self.tok(f"Candidate: {self.rec_item(candidate)}. Will the user interact with the candidate next? "
                         f"Answer Yes or No." + self.tail, add_special_tokens=False).input_ids
 
     def answer_ids(self):
@@ -211,53 +219,55 @@ def add_lora(llm):
     return llm, [p for p in llm.parameters() if p.requires_grad]
 
 
-def last_hidden(llm, seqs, device, cache=None):
+def last_hidden(llm, seqs, device, cache=None, items=None):
     """The decoder's hidden state at the last token of each id list (right-padded into one batch; causal
-    attention keeps the padding out of every real position), after `cache` when given. Returns it with the
-    base model, whose output embeddings are the LM head."""
+    attention keeps the padding out of every real position), after `cache` when given; `items`: common.ItemTokens,
+    where items are tokens of their own. Returns it with the base model, whose output embeddings are the LM head."""
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
     lengths = torch.tensor([len(s) for s in seqs], device=device)
     ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
     for row, seq in enumerate(seqs):
         ids[row, :len(seq)] = torch.tensor(seq)
-    hidden = base.get_decoder()(input_ids=ids.to(device), past_key_values=cache, use_cache=cache is not None)
+    hidden = base.get_decoder()(inputs_embeds=embed_tokens(base, ids.to(device), items), past_key_values=cache,
+                                use_cache=cache is not None)
     return hidden.last_hidden_state[torch.arange(len(seqs), device=device), lengths - 1].float(), base
 
 
-def last_token_logits(llm, prompts, device):
+def last_token_logits(llm, prompts, device, items=None):
     """Next-token logits after each prompt (lists of ids); the head runs on the last position only (the
     full [batch, length, vocab] logits would be most of the memory), in fp32: bf16 logits tie often."""
-    last, base = last_hidden(llm, prompts, device)
+    last, base = last_hidden(llm, prompts, device, items=items)
     return F.linear(last, base.get_output_embeddings().weight.float())
 
 
 @torch.no_grad()
-def yes_probability(llm, prefix, rests, answers, device):
+def yes_probability(llm, prefix, rests, answers, device, items=None):
     """P(Yes) against No for every candidate: the shared prefix runs once and its KV cache serves them all."""
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    cache = base.get_decoder()(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+    prefix = embed_tokens(base, torch.tensor([prefix], device=device), items)
+    cache = base.get_decoder()(inputs_embeds=prefix, use_cache=True).past_key_values
     cache.batch_repeat_interleave(len(rests))
-    last, _ = last_hidden(llm, rests, device, cache)
+    last, _ = last_hidden(llm, rests, device, cache, items)
     logits = last @ base.get_output_embeddings().weight[answers].float().T  # [candidates, (Yes, No)], fp32
     return logits.softmax(-1)[:, 0].cpu()
 
 
 @torch.no_grad()
-def yes_probabilities(llm, prompts, answers, device, batch_size):
+def yes_probabilities(llm, prompts, answers, device, batch_size, items=None):
     """yes_probability() without the shared cache: P(Yes) against No after each whole prompt, `batch_size` prompts
     a step. More arithmetic, but on a GPU large batches beat hundreds of small launch-bound steps."""
-    return torch.cat([last_token_logits(llm, prompts[i:i + batch_size], device)[:, answers].softmax(-1)[:, 0].cpu()
-                      for i in range(0, len(prompts), batch_size)])
+    return torch.cat([last_token_logits(llm, prompts[i:i + batch_size], device, items)[:, answers].softmax(-1)[:, 0]
+                      .cpu() for i in range(0, len(prompts), batch_size)])
 
 
-def batch_loss(llm, batch, answers, device):
+def batch_loss(llm, batch, answers, device, items=None):
     """Cross-entropy of the answer token ("Yes" or "No") after each (prompt ids, answer) of the batch, over the
     whole vocabulary."""
     targets = torch.tensor([answers[label] for _, label in batch], device=device)
-    return F.cross_entropy(last_token_logits(llm, [p for p, _ in batch], device), targets)
+    return F.cross_entropy(last_token_logits(llm, [p for p, _ in batch], device, items), targets)
 
 
-def train(llm, params, samples, answers, args, device, progress, validate):
+def train(llm, params, samples, answers, args, device, progress, validate, items=None):
     """AdamW on the cross-entropy of the answer token ("Yes" or "No") after each prompt, over the vocabulary, for
     up to --epochs epochs; stops once `validate()` has not improved for --patience epochs and keeps the best epoch.
     Every epoch ends in a checkpoint (`progress`): after Ctrl-C or kill -9 the same command resumes after the last
@@ -279,7 +289,7 @@ def train(llm, params, samples, answers, args, device, progress, validate):
         batches = shuffled_batches(samples, args.batch_size, random.Random(progress["seed"] + epoch))
         summed = 0.0
         for batch in tqdm(batches, desc=f"LoRA epoch {epoch + 1}", leave=False):
-            step_loss = batch_loss(llm, batch, answers, device)
+            step_loss = batch_loss(llm, batch, answers, device, items)
             opt.zero_grad(set_to_none=True)
             step_loss.backward()
             opt.step()
@@ -340,6 +350,9 @@ def parse_args():
     parser.add_argument("--summary-tokens", type=int, default=32, help="new tokens per generated summary (cap)")
     parser.add_argument("--generate-batch", type=int, help=scaled(SCALES, "generate_batch", "prompts per generation batch"))
     parser.add_argument("--recent", type=int, default=5, help="most recent items listed beside the summary")
+    parser.add_argument("--item-names", choices=ITEM_NAMES, help="how the recommender's prompts name items: by title "
+                        "(the default where the data has titles), 'item <id>' (the default otherwise) or one new "
+                        "token each, learned with the LoRA (summaries then still name items by title or ID)")
     parser.add_argument("--candidates", type=int, default=21, help="items ranked per test user (the paper: 21)")
     parser.add_argument("--test-users", type=int, help=scaled(SCALES, "test_users", "users scored (0: all)"))
     parser.add_argument("--epochs", type=int, help=scaled(SCALES, "epochs", "epoch ceiling of the LoRA, which stops "
@@ -360,15 +373,15 @@ def parse_args():
     return args, device
 
 
-def llm_scores(llm, texts, answers, cases, summaries, args, device, batch_size):
+def llm_scores(llm, texts, answers, cases, summaries, args, device, batch_size, items=None):
     """P(Yes) of every candidate of every case: `batch_size` 0 (a CPU) case by case, each user's prompt cached for
     its candidates (the least arithmetic); else every whole prompt in batches (yes_probabilities)."""
     users = [texts.user_ids(summary, history[-args.recent:]) for (_, history, _, _), summary in zip(cases, summaries)]
     if batch_size == 0:
-        return [yes_probability(llm, prefix, [texts.candidate_ids(c) for c in case[3]], list(answers.values()), device)
-                for prefix, case in tqdm(list(zip(users, cases)), desc="score", leave=False)]
+        return [yes_probability(llm, prefix, [texts.candidate_ids(c) for c in case[3]], list(answers.values()), device,
+                                items) for prefix, case in tqdm(list(zip(users, cases)), desc="score", leave=False)]
     prompts = [prefix + texts.candidate_ids(c) for prefix, case in zip(users, cases) for c in case[3]]
-    return yes_probabilities(llm, prompts, list(answers.values()), device, batch_size).split(
+    return yes_probabilities(llm, prompts, list(answers.values()), device, batch_size, items).split(
         [len(case[3]) for case in cases])
 
 
@@ -387,7 +400,11 @@ def run_seed(seed, args, data, device, references, progress):
     # bf16 where matmuls run natively in it: generation and LoRA both run twice as fast on such a CPU
     llm, tokenizer = load_llm(args.llm, device, lm_head=True)
     llm = llm.to(matmul_dtype(device)).requires_grad_(False).eval()
-    texts = Texts(tokenizer, data["item_titles"], data["item_groups"] if data["item_titles"] else None)
+    titles = data["item_titles"] if args.item_names != "id" else None  # token names: summaries still read titles
+    texts = Texts(tokenizer, titles, data["item_groups"] if titles else None, args.item_names == "token")
+    items = None
+    if args.item_names == "token":
+        items = ItemTokens(tokenizer, num_items, llm.get_input_embeddings().weight).to(device)
     answers = dict(zip(("Yes", "No"), texts.answer_ids()))
 
     # 1. summaries of every history the recommender reads (a training pair's: the items before its prefix's last)
@@ -407,31 +424,32 @@ def run_seed(seed, args, data, device, references, progress):
     samples = [(texts.user_ids(summary, history[-args.recent:]) + texts.candidate_ids(item), answer)
                for (_, history, item, answer), summary in zip(pairs, train_summaries)]
     llm, params = add_lora(llm)
+    params += [] if items is None else [items.emb.weight]
     if args.compile:
         compile_blocks(llm)
     # the batch that fits the GPU's free memory; in args, so that validation batches and the metrics JSON follow it.
     # Its trial step is where --compile compiles: LLM time
     with llm_time:
         args.batch_size = fit_batch_size(lambda n: batch_loss(llm, longest(samples, n, lambda s: len(s[0])), answers,
-                                                              device).backward(), params, args.batch_size, device)
+                                                              device, items).backward(), params, args.batch_size, device)
     if progress["resumed"] is not None:
         set_rng_state(progress["resumed"]["rng"])
         print(f"resuming from {progress['path']}: seed {seed}, epoch {progress['resumed']['epoch']} was done")
     name = f"LLM-TRSR ({args.paradigm})"
 
     def validate():
-        scores = llm_scores(llm, texts, answers, valid, valid_summaries, args, device, scoring_batch(args, device))
+        scores = llm_scores(llm, texts, answers, valid, valid_summaries, args, device, scoring_batch(args, device), items)
         return rank_systems({name: llm}, llm, scores, valid, ranking_metrics, "validate")[name]["MRR@10"]
 
     with llm_time:
-        loss, early = train(llm, params, samples, answers, args, device, progress, validate)
+        loss, early = train(llm, params, samples, answers, args, device, progress, validate, items)
     print(f"seed {seed}, LoRA: {len(samples)} samples (1:1 Yes and No), training loss {loss:.3f}, best epoch "
           f"{early.best_epoch} of {len(early.scores)} (validation MRR@10 {' '.join(f'{v:.4f}' for v in early.scores)})")
 
     # 3. test: every system ranks the same candidates
     systems = {"popularity": popularity_scores(seqs, num_items, seed), **references, name: llm}
     with llm_time:
-        scores = llm_scores(llm, texts, answers, test, test_summaries, args, device, scoring_batch(args, device))
+        scores = llm_scores(llm, texts, answers, test, test_summaries, args, device, scoring_batch(args, device), items)
     result = rank_systems(systems, llm, scores, test, ranking_metrics, "test")
     return {"metrics": {**result, "random (expected)": expected_at_random(ranking_metrics, args.candidates)},
             "best_epoch": early.best_epoch, "valid_mrr10": early.scores, "train_samples": len(samples),
@@ -441,6 +459,7 @@ def run_seed(seed, args, data, device, references, progress):
 def main():
     args, device = parse_args()
     data = load_dataset(args)
+    args.item_names = item_names(args, data)
     teacher, student = load_teacher_and_student(args, data["num_items"])
     references = {"SASRec teacher": teacher, "P2Rec student": student}
     run_seeds(args, data, f"llm_trsr_{args.paradigm}",

@@ -10,7 +10,7 @@ from conftest import (ROOT, baseline_whole_and_resumed, batch_on_a_gpu_that_fits
 
 sys.path.insert(0, ROOT + "/baselines")
 import delrec  # noqa: E402
-from common import candidate_set, ranking_cases  # noqa: E402
+from common import ItemTokens, candidate_set, ranking_cases  # noqa: E402
 
 ARGS = ["--train-users", 40, "--virtual-tokens", 4, "--batch-size", 8, "--lr", 1e-2]
 
@@ -172,36 +172,36 @@ def tokens(tiny_llm):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
     vocab = len(tokenizer)
-    prompts = delrec.Prompts(tokenizer, None, max_history=5, names="token", num_items=30)
-    return AutoModelForCausalLM.from_pretrained(tiny_llm).requires_grad_(False), prompts, vocab
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llm).requires_grad_(False)
+    torch.manual_seed(0)
+    items = ItemTokens(tokenizer, 30, llm.get_input_embeddings().weight)
+    return llm, delrec.Prompts(tokenizer, None, max_history=5, names="token"), items, vocab
 
 
 def test_item_tokens_are_rows_of_their_own_in_and_out(tokens):
-    llm, prompts, vocab = tokens
-    assert prompts.first_token == vocab and prompts.name_ids(7)[-1] == vocab + 6
-    torch.manual_seed(0)
-    model = delrec.SoftPromptLM(llm, 3, (prompts.first_token, 30))
+    llm, prompts, items, vocab = tokens
+    assert items.first == vocab and prompts.name_ids(7)[-1] == vocab + 6
+    model = delrec.SoftPromptLM(llm, 3, items)
     embeds = model.token_embeds(torch.tensor([[5, vocab + 6]]))
     assert torch.equal(embeds[0, 0], llm.get_input_embeddings().weight[5])
-    assert torch.equal(embeds[0, 1], model.item_emb.weight[7])
+    assert torch.equal(embeds[0, 1], items.emb.weight[7])
     hidden = torch.randn(2, llm.config.hidden_size)
     logits = model.logits(llm.get_output_embeddings(), hidden)
     assert logits.shape == (2, vocab + 30)
-    assert torch.allclose(logits[:, vocab + 6], hidden @ model.item_emb.weight[7])
+    assert torch.allclose(logits[:, vocab + 6], hidden @ items.emb.weight[7])
     assert torch.allclose(logits[:, :vocab], llm.get_output_embeddings()(hidden))
 
 
 def test_item_tokens_learn_in_stage1_and_score_alike_on_both_routes(tokens):
-    llm, prompts, _ = tokens
-    torch.manual_seed(0)
-    model, cpu = delrec.SoftPromptLM(llm, 3, (prompts.first_token, 30)), torch.device("cpu")
-    before, rows = {k: v.clone() for k, v in llm.state_dict().items()}, model.item_emb.weight.detach().clone()
+    llm, prompts, items, _ = tokens
+    model, cpu = delrec.SoftPromptLM(llm, 3, items), torch.device("cpu")
+    before, rows = {k: v.clone() for k, v in llm.state_dict().items()}, items.emb.weight.detach().clone()
     samples = [(prompts.ranking([1, 2, 3], list(range(10, 30))), prompts.name_ids(12))]
     first = model.target_nll(samples, cpu).item()
     opt = torch.optim.AdamW([model.soft, *model.item_params()], lr=1e-2)
     delrec.train_epoch(model, opt, [[samples]] * 10, cpu, "t")
     assert model.target_nll(samples, cpu).item() < first
-    assert not torch.equal(model.item_emb.weight, rows)
+    assert not torch.equal(items.emb.weight, rows)
     assert all(torch.equal(before[k], v) for k, v in llm.state_dict().items())
     cases = ranking_cases([list(range(1, 12)), [5, 9, 2, 7, 3]], [0, 1], 30, 11, random.Random(0), "test")
     cached, batched = (delrec.model_scores(model.eval(), prompts, cases, cpu, size) for size in (0, 7))

@@ -11,7 +11,7 @@ from conftest import (ROOT, baseline_whole_and_resumed, batch_on_a_gpu_that_fits
 
 sys.path.insert(0, ROOT + "/baselines")
 import llm_trsr  # noqa: E402
-from common import candidate_rank, expected_at_random, ranking_cases  # noqa: E402
+from common import ItemTokens, candidate_rank, expected_at_random, ranking_cases  # noqa: E402
 
 ARGS = ["--train-users", 30, "--test-users", 20, "--summary-tokens", 4, "--generate-batch", 16, "--lr", 1e-2]
 
@@ -150,6 +150,35 @@ def test_case_by_case_and_batched_scoring_agree(tiny):
         assert one.shape == (11,) and torch.allclose(one, other, atol=1e-5)
 
 
+def test_item_tokens_name_items_to_the_recommender_and_learn_with_the_lora(tiny_llm, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer, cpu = AutoTokenizer.from_pretrained(tiny_llm), torch.device("cpu")
+    torch.manual_seed(0)
+    llm, params = llm_trsr.add_lora(AutoModelForCausalLM.from_pretrained(tiny_llm).requires_grad_(False))
+    items = ItemTokens(tokenizer, 40, llm.get_input_embeddings().weight)
+    texts = llm_trsr.Texts(tokenizer, [""] + [f"Film {i}" for i in range(1, 41)], None, tokens=True)
+    answers = dict(zip(("Yes", "No"), texts.answer_ids()))
+    prefix = texts.user_ids("likes dramas", [1, 3, 5])
+    assert {items.first, items.first + 2, items.first + 4} <= set(prefix)  # the recommender reads tokens
+    assert "Film 7" in texts.block([7]) and "<item_" not in texts.block([7])  # the summariser reads titles
+    cases = ranking_cases([list(range(1, 12)), [5, 9, 2, 7, 3]], [0, 1], 40, 11, random.Random(0), "test")
+    cached, batched = (llm_trsr.llm_scores(llm, texts, answers, cases, ["likes dramas", "likes comedies"],
+                                           types.SimpleNamespace(recent=3), cpu, size, items) for size in (0, 7))
+    for one, other in zip(cached, batched):
+        assert one.shape == (11,) and torch.allclose(one, other, atol=1e-5)
+
+    def p_yes():
+        return llm_trsr.yes_probability(llm, prefix, [texts.candidate_ids(7)], list(answers.values()), cpu, items)
+    before, rows = p_yes(), items.emb.weight.detach().clone()
+    args = types.SimpleNamespace(lr=3e-2, epochs=5, patience=5, batch_size=1)
+    progress = {"path": str(tmp_path / "ckpt.pt"), "settings": {}, "seed": 0, "finished": {}, "resumed": None}
+    llm_trsr.train(llm, params + [items.emb.weight], [(prefix + texts.candidate_ids(7), "Yes")], answers, args, cpu,
+                   progress, lambda: float(p_yes()), items)
+    assert p_yes() > before + 0.1
+    moved = (items.emb.weight - rows).norm(dim=1)  # the prompt's items learn; the others only decay (AdamW)
+    assert moved[[1, 3, 5, 7]].min() > 10 * moved[[2, 30]].max()
+
+
 @pytest.mark.parametrize("answer", ["Yes", "No"])
 def test_lora_learns_to_answer(tiny_llm, tiny, answer, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -187,7 +216,8 @@ def test_random_expectation_is_the_mean_over_ranks():
     assert m["Recall@10"] == pytest.approx(10 / 21) and m["MRR@3"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 21)
 
 
-@pytest.mark.parametrize("paradigm, options", [("hierarchical", []), ("recurrent", ["--no-whole-blocks"])])
+@pytest.mark.parametrize("paradigm, options", [("hierarchical", []), ("recurrent", ["--no-whole-blocks"]),
+                                               ("hierarchical", ["--item-names", "token"])])
 def test_end_to_end(pipeline, tmp_path, tiny_llm, paradigm, options):
     out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt", "student.pt")
     common = ["--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, "--paradigm", paradigm, *ARGS,
