@@ -47,7 +47,7 @@ from common import (ITEM_NAMES, EarlyStopping, ItemTokens, Stopwatch, UserError,
                     add_scale_args, candidate_set, check_nonnegative, check_positive, compile_blocks, embed_tokens,
                     expected_at_random, fill_scale_defaults, fit_batch_size, item_names, load_dataset, load_llm,
                     load_teacher_and_student, longest, pick_device, pick_users, popularity_scores, random_unseen,
-                    rank_systems, ranking_cases, run_main, run_seeds, sasrec_scores, save_atomic, save_checkpoint,
+                    rank_systems, ranking_cases, run_main, run_seeds, sasrec_states, save_atomic, save_checkpoint,
                     scaled, scoring_batch, seed_everything, set_rng_state, shuffled_batches, stage_dir,
                     train_prefixes)
 
@@ -333,15 +333,16 @@ def stage1_samples(seqs, users, prompts, teacher, num_items, candidates, prefixe
     """Temporal Analysis (name the item in a gap) and Recommendation Pattern Simulating (name the teacher's
     top-1 among its top-10 and random unseen items), one of each per training prefix."""
     temporal, simulated = [], []
-    for u in users:
-        for seen in train_prefixes(seqs[u], prefixes, shortest=3):
-            temporal.append((prompts.temporal(seen[:-2], seen[-1]), prompts.name_ids(seen[-2])))
-            scores = sasrec_scores(teacher, seen, list(range(num_items + 1)))
-            scores[0] = float("-inf")
-            top = scores.topk(10).indices.tolist()  # the teacher's top-10; its top-1 is the answer
-            cands = top + random_unseen(set(top) | set(seqs[u]), candidates - 10, num_items, rng)
-            rng.shuffle(cands)
-            simulated.append((prompts.ranking(seen, cands, "The sequential model recommends"), prompts.name_ids(top[0])))
+    cuts = [(u, seen) for u in users for seen in train_prefixes(seqs[u], prefixes, shortest=3)]
+    table = teacher.item_table().detach()
+    for (u, seen), state in zip(cuts, sasrec_states(teacher, [seen for _, seen in cuts])):
+        temporal.append((prompts.temporal(seen[:-2], seen[-1]), prompts.name_ids(seen[-2])))
+        scores = table @ state
+        scores[0] = float("-inf")
+        top = scores.topk(10).indices.tolist()  # the teacher's top-10; its top-1 is the answer
+        cands = top + random_unseen(set(top) | set(seqs[u]), candidates - 10, num_items, rng)
+        rng.shuffle(cands)
+        simulated.append((prompts.ranking(seen, cands, "The sequential model recommends"), prompts.name_ids(top[0])))
     return temporal, simulated
 
 

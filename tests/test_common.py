@@ -4,12 +4,12 @@ import torch
 
 import pytest
 
-from common import (EarlyStopping, ItemEmbedding, LoRALLM, NEGATIVE_DRAWS, PromptBuilder, RunGroup, SASRec, UserError,
-                    bce_negatives, eval_split, fill_scale_defaults, fit_batch_size, graph_widths, left_pad, load_llm,
-                    longest, negative_draws, pack_prompts, popularity_scores, preference_kl, rank_metrics,
-                    ranking_cases, run_losses, sampled_negatives, sampled_ranks, seeds_mean_std, split_user,
-                    stack_batches, target_ranks, token_batches, train_pairs, train_popularity, train_prefixes,
-                    train_tensors, trim_padding)
+from common import (EarlyStopping, ItemEmbedding, LoRALLM, NEGATIVE_DRAWS, PromptBuilder, RunGroup, SASRec,
+                    UserError, bce_negatives, eval_split, fill_scale_defaults, fit_batch_size, graph_widths,
+                    left_pad, load_llm, longest, negative_draws, pack_prompts, popularity_scores, preference_kl,
+                    rank_metrics, ranking_cases, run_losses, sampled_negatives, sampled_ranks, sasrec_states,
+                    seeds_mean_std, split_user, stack_batches, target_ranks, token_batches, train_pairs,
+                    train_popularity, train_prefixes, train_tensors, trim_padding)
 
 
 def test_rank_metrics_hand_computed():
@@ -88,6 +88,16 @@ def test_sasrec_is_causal_and_trimming_is_exact():
     trimmed, = trim_padding(seq)
     assert trimmed.shape[1] == 5
     assert torch.allclose(model(trimmed)[:, -1], out[:, -1], atol=1e-5)
+
+
+def test_sasrec_states_in_batches_are_each_historys_own():
+    torch.manual_seed(0)
+    model = SASRec(ItemEmbedding(20, 16), maxlen=8, dropout=0.0).eval()
+    histories = [[3], [4, 5, 6], list(range(1, 13)), [7, 2] * 3, [9, 9]]  # one longer than maxlen: its last 8
+    batched = sasrec_states(model, histories, batch_size=2)
+    alone = torch.cat([model(torch.tensor([h[-8:]]))[:, -1] for h in histories])
+    assert batched.shape == (5, 16) and torch.allclose(batched, alone, atol=1e-5)
+    assert sasrec_states(model, []).shape == (0, 16)
 
 
 def test_sampled_protocol_ranks_the_target_among_fixed_unseen_candidates():
