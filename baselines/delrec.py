@@ -319,7 +319,6 @@ def parse_args():
     parser.add_argument("--no-stage1", action="store_true", help="ablation: stage 2 without a distilled soft prompt")
     args = parser.parse_args()
     device = pick_device(args.device)
-
     fill_scale_defaults(args, device, SCALES)
     check_positive(args, "virtual_tokens", "max_history", "stage1_epochs", "stage2_epochs", "patience", "batch_size",
                    "lr")

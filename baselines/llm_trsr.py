@@ -75,8 +75,8 @@ NO_SUMMARY = "not summarised yet (fewer items than one block)"  # whole blocks, 
 
 class Texts:
     """Every prompt of the method as text, wrapped in the LLM's chat template when it has one. Summaries name items
-    by title (with genres) or 'item <id>'; the recommender's prompts by the same, or by their own token (`tokens`:
-    common.ItemTokens, which must have added them to the tokenizer)."""
+    by title (with genres) or 'item <id>'; the recommender's prompts by the same, or with `tokens` by their own token
+    (common.ItemTokens must have added the tokens to the tokenizer)."""
 
     def __init__(self, tokenizer, titles, genres, tokens=False):
         self.tok, self.titles, self.genres, self.tokens = tokenizer, titles, genres, tokens
