@@ -244,8 +244,8 @@ def last_token_logits(llm, prompts, device, items=None):
 def yes_probability(llm, prefix, rests, answers, device, items=None):
     """P(Yes) against No for every candidate: the shared prefix runs once and its KV cache serves them all."""
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    prefix = embed_tokens(base, torch.tensor([prefix], device=device), items)
-    cache = base.get_decoder()(inputs_embeds=prefix, use_cache=True).past_key_values
+    prefix_embeds = embed_tokens(base, torch.tensor([prefix], device=device), items)
+    cache = base.get_decoder()(inputs_embeds=prefix_embeds, use_cache=True).past_key_values
     cache.batch_repeat_interleave(len(rests))
     last, _ = last_hidden(llm, rests, device, cache, items)
     logits = last @ base.get_output_embeddings().weight[answers].float().T  # [candidates, (Yes, No)], fp32
@@ -256,8 +256,9 @@ def yes_probability(llm, prefix, rests, answers, device, items=None):
 def yes_probabilities(llm, prompts, answers, device, batch_size, items=None):
     """yes_probability() without the shared cache: P(Yes) against No after each whole prompt, `batch_size` prompts
     a step. More arithmetic, but on a GPU large batches beat hundreds of small launch-bound steps."""
-    return torch.cat([last_token_logits(llm, prompts[i:i + batch_size], device, items)[:, answers].softmax(-1)[:, 0]
-                      .cpu() for i in range(0, len(prompts), batch_size)])
+    batches = (prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size))
+    return torch.cat([last_token_logits(llm, batch, device, items)[:, answers].softmax(-1)[:, 0].cpu()
+                      for batch in batches])
 
 
 def batch_loss(llm, batch, answers, device, items=None):
