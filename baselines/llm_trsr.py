@@ -20,9 +20,9 @@ under a third of the generations on ml-100k at 20 prefixes, a sixth on Beauty. T
 Blocks start at fixed positions, so a block (and a recurrent summary of the same blocks) reads the same
 for the training cut and the test cut of a user. Summaries are cached on disk, keyed by the items they
 read: a rerun (or the other paradigm, which shares the first block's summary) does not regenerate them.
-Items are named by title and genres where the data has them (ml-100k), else "item <id>" (Beauty);
-`--item-names token` names them in the recommender's prompts by one new token each, whose embedding the LoRA
-training learns along (the summaries keep titles or IDs: the frozen summariser knows no new token).
+Items are named by title and genres where the data has them (ml-100k); else the recommender's prompts name them
+by one new token each (Beauty), whose embedding the LoRA training learns along, and the summaries by "item <id>"
+(the frozen summariser knows no new token). `--item-names id` names them "item <id>" everywhere.
 
 Recommender: LoRA (r 8, alpha 16, on q/k/v/o) learns to answer "Yes" for the item that came next after a
 training prefix and "No" for a random item the user never touched (1:1). Score = softmax over the "Yes" and
@@ -352,8 +352,8 @@ def parse_args():
     parser.add_argument("--generate-batch", type=int, help=scaled(SCALES, "generate_batch", "prompts per generation batch"))
     parser.add_argument("--recent", type=int, default=5, help="most recent items listed beside the summary")
     parser.add_argument("--item-names", choices=ITEM_NAMES, help="how the recommender's prompts name items: by title "
-                        "(the default where the data has titles), 'item <id>' (the default otherwise) or one new "
-                        "token each, learned with the LoRA (summaries then still name items by title or ID)")
+                        "(the default where the data has titles), 'item <id>', or one new token each, learned with "
+                        "the LoRA (the default otherwise; summaries then still name items by title or ID)")
     parser.add_argument("--candidates", type=int, default=21, help="items ranked per test user (the paper: 21)")
     parser.add_argument("--test-users", type=int, help=scaled(SCALES, "test_users", "users scored (0: all)"))
     parser.add_argument("--epochs", type=int, help=scaled(SCALES, "epochs", "epoch ceiling of the LoRA, which stops "

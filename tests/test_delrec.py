@@ -144,7 +144,9 @@ def test_end_to_end_with_adalora(pipeline, tmp_path, tiny_llm):
     per_seed = [result["per_seed"][seed]["metrics"]["popularity"]["HR@10"] for seed in ("1", "2")]
     assert metrics["popularity"]["HR@10"] == pytest.approx(sum(per_seed) / 2)  # each seed draws its own candidates
     assert result["std"]["random (expected)"]["HR@10"] == 0 and result["per_seed"]["1"]["best_epoch"] == 1
-    assert torch.load(out / "synth" / "delrec_soft_prompt.pt")["soft"].shape[0] == 4
+    soft_prompt = torch.load(out / "synth" / "delrec_soft_prompt.pt")
+    assert soft_prompt["soft"].shape[0] == 4
+    assert soft_prompt["item_emb"].shape == (41, 32)  # no titles: one token per item (40) and padding, by default
     run_stage("baselines/delrec.py", "--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, *ARGS,
               "--no-stage1")
     ablation = json.loads((out / "synth" / "delrec_no_stage1_metrics.json").read_text())["metrics"]
@@ -209,13 +211,13 @@ def test_item_tokens_learn_in_stage1_and_score_alike_on_both_routes(tokens):
         assert one.shape == (11,) and torch.allclose(one, other, atol=1e-4)
 
 
-def test_end_to_end_with_item_tokens(pipeline, tmp_path, tiny_llm):
+def test_end_to_end_with_items_named_by_id(pipeline, tmp_path, tiny_llm):
     out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt")
     common = ["--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, *ARGS]
-    run_stage("baselines/delrec.py", *common, "--item-names", "token")
+    run_stage("baselines/delrec.py", *common, "--item-names", "id")
     metrics = json.loads((out / "synth" / "delrec_metrics.json").read_text())["metrics"]
     assert 0 <= metrics["DELRec"]["HR@1"] <= metrics["DELRec"]["HR@10"] <= 1
-    assert torch.load(out / "synth" / "delrec_soft_prompt.pt")["item_emb"].shape == (41, 32)  # 40 items and padding
+    assert torch.load(out / "synth" / "delrec_soft_prompt.pt")["item_emb"] is None
     proc = run_stage("baselines/delrec.py", *common, "--item-names", "title", check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "--item-names title needs item titles" in proc.stderr
