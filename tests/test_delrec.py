@@ -223,6 +223,11 @@ def test_end_to_end_with_items_named_by_id(pipeline, tmp_path, tiny_llm):
     assert "--item-names title needs item titles" in proc.stderr
 
 
+def test_items_are_named_by_one_token_each_by_default_even_where_titles_exist(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["delrec.py", "--data", "ml-100k", "--device", "cpu"])
+    assert delrec.parse_args()[0].item_names == "token"
+
+
 def test_items_are_named_by_title_or_id():
     prompts = delrec.Prompts(None, ["", "Hamlet", "Hamlet", "Heat", ""], max_history=5)
     assert [prompts.name(i) for i in (1, 2, 3, 4)] == ["Hamlet (item 1)", "Hamlet (item 2)", "Heat", "item 4"]
