@@ -149,6 +149,25 @@ class SoftPromptLM(nn.Module):
                           for i in range(0, len(samples), batch_size)])
 
     @torch.no_grad()
+    def next_token_scores(self, prompts, candidates, device, batch_size):
+        """The log-probability of each candidate token right after its prompt, all of a prompt's candidates read
+        off one forward pass of it, `batch_size` prompts a step. Names that differ in their last token only (item
+        tokens, each after the same space) rank as by score(), which adds the shared tokens' log-probability, the
+        same for every candidate: one sequence per case instead of one per candidate."""
+        decoder, head = self.decoder_and_head()
+        scores = []
+        for i in tqdm(range(0, len(prompts), batch_size), desc="score", leave=False):
+            chunk = prompts[i:i + batch_size]
+            ids = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
+            for row, p in enumerate(chunk):
+                ids[row, :len(p)] = torch.tensor(p)
+            hidden = decoder(inputs_embeds=self.embed(ids.to(device)), use_cache=False).last_hidden_state
+            last = torch.tensor([len(self.soft) + len(p) - 1 for p in chunk], device=device)  # right-padded
+            logp = self.logits(head, hidden[torch.arange(len(chunk), device=device), last]).float().log_softmax(-1)
+            scores += [row[torch.tensor(c, device=device)].cpu() for row, c in zip(logp, candidates[i:i + batch_size])]
+        return scores
+
+    @torch.no_grad()
     def score(self, prompt, names, device):
         """Log-likelihood of each whole name after `prompt`: the prompt runs once, its KV cache is shared."""
         decoder, head = self.decoder_and_head()
@@ -358,14 +377,21 @@ def stage2_samples(seqs, users, prompts, num_items, candidates, prefixes, rng):
 
 
 def model_scores(model, prompts, cases, device, batch_size):
-    """DELRec's score of every candidate of every case: on a CPU (`batch_size` 0) case by case, each prompt's cache
-    shared by its candidates (the least arithmetic); on a GPU all cases in large batches (SoftPromptLM.batched_scores)."""
+    """DELRec's score of every candidate of every case. Names that share all but their last token (items as
+    tokens): one pass per prompt and that shared part scores all its candidates (SoftPromptLM.next_token_scores).
+    Other names: on a CPU (`batch_size` 0) case by case, each prompt's cache shared by its candidates (the least
+    arithmetic); on a GPU all cases in large batches (SoftPromptLM.batched_scores)."""
     ranking = [prompts.ranking(history, cands) for _, history, _, cands in cases]  # each case's prompt, once
+    names = [[prompts.name_ids(c) for c in case[3]] for case in cases]
+    shared = names[0][0][:-1]
+    if all(name[:-1] == shared for case in names for name in case):
+        last_tokens = [[name[-1] for name in case] for case in names]
+        return model.next_token_scores([prompt + shared for prompt in ranking], last_tokens, device, batch_size or 1)
     if batch_size == 0:
-        return [model.score(prompt, [prompts.name_ids(c) for c in case[3]], device)
-                for prompt, case in tqdm(list(zip(ranking, cases)), desc="score", leave=False)]
-    pairs = [(prompt, prompts.name_ids(c)) for prompt, case in zip(ranking, cases) for c in case[3]]
-    return model.batched_scores(pairs, device, batch_size).split([len(case[3]) for case in cases])
+        return [model.score(prompt, case, device) for prompt, case in tqdm(list(zip(ranking, names)), desc="score",
+                                                                           leave=False)]
+    pairs = [(prompt, name) for prompt, case in zip(ranking, names) for name in case]
+    return model.batched_scores(pairs, device, batch_size).split([len(case) for case in names])
 
 
 def run_seed(seed, args, data, device, references, progress):

@@ -194,7 +194,7 @@ def test_item_tokens_are_rows_of_their_own_in_and_out(tokens):
     assert torch.allclose(logits[:, :vocab], llm.get_output_embeddings()(hidden))
 
 
-def test_item_tokens_learn_in_stage1_and_score_alike_on_both_routes(tokens):
+def test_item_tokens_learn_in_stage1_and_score_alike_on_every_route(tokens):
     llm, prompts, items, _ = tokens
     model, cpu = delrec.SoftPromptLM(llm, 3, items), torch.device("cpu")
     before, rows = {k: v.clone() for k, v in llm.state_dict().items()}, items.emb.weight.detach().clone()
@@ -206,9 +206,15 @@ def test_item_tokens_learn_in_stage1_and_score_alike_on_both_routes(tokens):
     assert not torch.equal(items.emb.weight, rows)
     assert all(torch.equal(before[k], v) for k, v in llm.state_dict().items())
     cases = ranking_cases([list(range(1, 12)), [5, 9, 2, 7, 3]], [0, 1], 30, 11, random.Random(0), "test")
-    cached, batched = (delrec.model_scores(model.eval(), prompts, cases, cpu, size) for size in (0, 7))
-    for one, other in zip(cached, batched):
-        assert one.shape == (11,) and torch.allclose(one, other, atol=1e-4)
+    model.eval()
+    together, alone = (delrec.model_scores(model, prompts, cases, cpu, size) for size in (7, 0))  # padded, or not
+    for case, one_pass, unpadded in zip(cases, together, alone):
+        prompt, names = prompts.ranking(case[1], case[3]), [prompts.name_ids(c) for c in case[3]]
+        per_name = model.batched_scores([(prompt, name) for name in names], cpu, 4)  # a sequence per candidate
+        assert one_pass.shape == (11,) and torch.allclose(one_pass, unpadded, atol=1e-4)
+        for other in (model.score(prompt, names, cpu), per_name):  # plus the shared space's log-probability
+            shift = other - one_pass
+            assert torch.allclose(shift, shift[0].expand(11), atol=1e-4) and shift[0] < 0
 
 
 def test_end_to_end_with_items_named_by_id(pipeline, tmp_path, tiny_llm):
