@@ -18,10 +18,11 @@ Stage 2: the soft prompt is frozen, AdaLoRA (with its orthogonality regulariser)
 true next item among 20 candidates.
 Scoring: the log-likelihood of each candidate's whole name after the prompt (the sum over its tokens: the
 probability that the LLM writes that name, the order beam search would generate the candidates in), so every
-candidate gets a score; with item tokens one pass of the prompt scores all its candidates. Items are named by one new token each, whose embedding both stages train: the LLM knows
-nothing of "item 4821" (`--item-names id`), and a token gives the item its own row to learn, input and output
-alike. The paper names items by title (`--item-names title`, where the data has titles); validation chose tokens
-on both bundled datasets (RESULTS.md section 7, rounds 10 and 11: on ml-100k NDCG@10 0.63 against titles' 0.50).
+candidate gets a score; with item tokens one pass of the prompt scores all its candidates. Items are named by one
+new token each, whose embedding both stages train: the LLM knows nothing of "item 4821" (`--item-names id`), and a
+token gives the item its own row to learn, input and output alike. The paper names items by title (`--item-names
+title`, where the data has titles); validation chose tokens on both bundled datasets (RESULTS.md section 7, rounds
+10 and 11: on ml-100k NDCG@10 0.63 against titles' 0.50).
 `--no-stage1` is the paper's ablation: stage 2 with no distilled prompt.
 Two scales (--scale): on a CPU, small defaults (300 training users, their last training item, one epoch per stage)
 keep the tests and a smoke run quick; on a GPU, full ones: every user and the last 20 prefixes of its train split,
