@@ -357,6 +357,15 @@ def left_pad(seqs, maxlen):
     return torch.from_numpy(out)
 
 
+def right_padded(seqs):
+    """Lists of token ids as one batch as long as the longest, each row's ids first and zeros after (an LLM's
+    prompts: causal attention keeps every real position from the padding after it)."""
+    ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, :len(seq)] = torch.tensor(seq)
+    return ids
+
+
 def eval_split(sequences, split, maxlen):
     """Inputs, targets and full histories for 'valid' (input = train part) or 'test' (input = train + valid)."""
     cut = 2 if split == "valid" else 1

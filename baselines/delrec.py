@@ -49,9 +49,9 @@ from common import (ITEM_NAMES, EarlyStopping, ItemTokens, Stopwatch, UserError,
                     add_scale_args, candidate_set, check_nonnegative, check_positive, compile_blocks, embed_tokens,
                     expected_at_random, fill_scale_defaults, fit_batch_size, item_names, load_dataset, load_llm,
                     load_teacher_and_student, longest, pick_device, pick_users, popularity_scores, random_unseen,
-                    rank_systems, ranking_cases, run_main, run_seeds, sasrec_states, save_atomic, save_checkpoint,
-                    scaled, scoring_batch, seed_everything, set_rng_state, shuffled_batches, stage_dir,
-                    train_prefixes)
+                    rank_systems, ranking_cases, right_padded, run_main, run_seeds, sasrec_states, save_atomic,
+                    save_checkpoint, scaled, scoring_batch, seed_everything, set_rng_state, shuffled_batches,
+                    stage_dir, train_prefixes)
 
 KS = (1, 5, 10)
 
@@ -124,11 +124,9 @@ class SoftPromptLM(nn.Module):
     def target_nll(self, samples, device, per_sample=False):
         """Mean negative log-likelihood of the samples' target tokens; `per_sample`: each sample's summed over its
         target tokens, minus the log-probability of its whole target. Samples are (prompt ids, target ids)."""
-        L = max(len(p) + len(t) for p, t in samples)
-        ids = torch.zeros(len(samples), L, dtype=torch.long)
-        labels = torch.full((len(samples), L), -100)
+        ids = right_padded([p + t for p, t in samples])
+        labels = torch.full(ids.shape, -100)
         for row, (p, t) in enumerate(samples):
-            ids[row, :len(p) + len(t)] = torch.tensor(p + t)
             labels[row, len(p):len(p) + len(t)] = torch.tensor(t)
         ids, labels = ids.to(device), labels.to(device)
         decoder, head = self.decoder_and_head()
@@ -159,10 +157,8 @@ class SoftPromptLM(nn.Module):
         scores = []
         for i in tqdm(range(0, len(prompts), batch_size), desc="score", leave=False):
             chunk = prompts[i:i + batch_size]
-            ids = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
-            for row, p in enumerate(chunk):
-                ids[row, :len(p)] = torch.tensor(p)
-            hidden = decoder(inputs_embeds=self.embed(ids.to(device)), use_cache=False).last_hidden_state
+            ids = right_padded(chunk).to(device)
+            hidden = decoder(inputs_embeds=self.embed(ids), use_cache=False).last_hidden_state
             last = torch.tensor([len(self.soft) + len(p) - 1 for p in chunk], device=device)  # right-padded
             logp = self.logits(head, hidden[torch.arange(len(chunk), device=device), last]).float().log_softmax(-1)
             scores += [row[torch.tensor(c, device=device)].cpu() for row, c in zip(logp, candidates[i:i + batch_size])]
@@ -175,10 +171,8 @@ class SoftPromptLM(nn.Module):
         out = decoder(inputs_embeds=self.embed(torch.tensor([prompt], device=device)), use_cache=True)
         cache = out.past_key_values
         cache.batch_repeat_interleave(len(names))
-        L = max(len(n) for n in names)
-        ids = torch.zeros(len(names), L, dtype=torch.long, device=device)
-        for row, n in enumerate(names):
-            ids[row, :len(n)] = torch.tensor(n)
+        ids = right_padded(names).to(device)
+        L = ids.shape[1]
         hidden = decoder(inputs_embeds=self.token_embeds(ids), past_key_values=cache).last_hidden_state
         hidden = torch.cat([out.last_hidden_state[:, -1:].expand(len(names), -1, -1), hidden[:, :-1]], 1)
         logp = self.logits(head, hidden).float().log_softmax(-1).gather(2, ids[..., None])[..., 0]

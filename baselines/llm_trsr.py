@@ -53,9 +53,9 @@ from common import (ITEM_NAMES, EarlyStopping, ItemTokens, Stopwatch, UserError,
                     add_scale_args, check_nonnegative, check_positive, compile_blocks, embed_tokens,
                     expected_at_random, fill_scale_defaults, fit_batch_size, item_names, llm_fingerprint,
                     load_dataset, load_llm, load_teacher_and_student, longest, matmul_dtype, pick_device, pick_users,
-                    popularity_scores, random_unseen, rank_systems, ranking_cases, run_main, run_seeds, save_atomic,
-                    save_checkpoint, scaled, scoring_batch, seed_everything, set_rng_state, shuffled_batches,
-                    stage_dir, train_prefixes)
+                    popularity_scores, random_unseen, rank_systems, ranking_cases, right_padded, run_main, run_seeds,
+                    save_atomic, save_checkpoint, scaled, scoring_batch, seed_everything, set_rng_state,
+                    shuffled_batches, stage_dir, train_prefixes)
 
 KS = (3, 5, 10)
 PARADIGMS = ("hierarchical", "recurrent")
@@ -225,11 +225,8 @@ def last_hidden(llm, seqs, device, cache=None, items=None):
     where items are tokens of their own. Returns it with the base model, whose output embeddings are the LM head."""
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
     lengths = torch.tensor([len(s) for s in seqs], device=device)
-    ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, :len(seq)] = torch.tensor(seq)
-    hidden = base.get_decoder()(inputs_embeds=embed_tokens(base, ids.to(device), items), past_key_values=cache,
-                                use_cache=cache is not None)
+    embeds = embed_tokens(base, right_padded(seqs).to(device), items)
+    hidden = base.get_decoder()(inputs_embeds=embeds, past_key_values=cache, use_cache=cache is not None)
     return hidden.last_hidden_state[torch.arange(len(seqs), device=device), lengths - 1].float(), base
 
 

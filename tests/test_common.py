@@ -7,8 +7,8 @@ import pytest
 from common import (EarlyStopping, ItemEmbedding, LoRALLM, NEGATIVE_DRAWS, PromptBuilder, RunGroup, SASRec,
                     UserError, bce_negatives, eval_split, fill_scale_defaults, fit_batch_size, graph_widths,
                     left_pad, load_llm, longest, negative_draws, pack_prompts, popularity_scores, preference_kl,
-                    rank_metrics, ranking_cases, run_losses, sampled_negatives, sampled_ranks, sasrec_states,
-                    seeds_mean_std, split_user, stack_batches, target_ranks, token_batches, train_pairs,
+                    rank_metrics, ranking_cases, right_padded, run_losses, sampled_negatives, sampled_ranks,
+                    sasrec_states, seeds_mean_std, split_user, stack_batches, target_ranks, token_batches, train_pairs,
                     train_popularity, train_prefixes, train_tensors, trim_padding)
 
 
@@ -41,6 +41,7 @@ def test_preference_kl_matches_definition():
 def test_split_and_padding():
     assert split_user([1, 2, 3, 4, 5]) == ([1, 2, 3], 4, 5)
     assert left_pad([[1, 2, 3], [4]], 2).tolist() == [[2, 3], [0, 4]]
+    assert right_padded([[1, 2, 3], [4]]).tolist() == [[1, 2, 3], [4, 0, 0]]
     inputs, targets = train_tensors([[1, 2, 3, 4, 5]], 4)
     assert inputs.tolist() == [[0, 0, 1, 2]] and targets.tolist() == [[0, 0, 2, 3]]
     valid_in, valid_tgt, _ = eval_split([[1, 2, 3, 4, 5]], "valid", 4)
