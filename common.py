@@ -358,8 +358,8 @@ def left_pad(seqs, maxlen):
 
 
 def right_padded(seqs):
-    """Lists of token ids as one batch as long as the longest, each row's ids first and zeros after (an LLM's
-    prompts: causal attention keeps every real position from the padding after it)."""
+    """Lists of token ids as one [n, longest] batch: each row's ids, then zeros (for a causal LM, whose real
+    positions never attend to the padding after them)."""
     ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
     for row, seq in enumerate(seqs):
         ids[row, :len(seq)] = torch.tensor(seq)
