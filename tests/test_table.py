@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from conftest import run_stage
 
 
@@ -47,3 +49,47 @@ def test_no_metrics_is_one_error_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: no baseline metrics in {tmp_path}/synth/: run python baselines/delrec.py --data synth or "
         "python baselines/llm_trsr.py --data synth first"]
+
+
+def seeds_json(path, per_seed, **args):
+    """A baseline's metrics file as run_seeds writes it: `per_seed` {seed: {system: value}}, the same value for
+    every metric; its mean and std are the first seed's and 0, so that a pooled table must recompute them."""
+    per_seed = {str(seed): {"metrics": {name: {"HR@10": v, "NDCG@10": v} for name, v in systems.items()},
+                            "seconds": 100.0, "llm_seconds": 90.0} for seed, systems in per_seed.items()}
+    first = next(iter(per_seed.values()))["metrics"]
+    path.write_text(json.dumps({
+        "args": {"candidates": 20, "prefixes": 5, "out": str(path.parent), **args, "seeds": [int(s) for s in per_seed]},
+        "test_users": 50, "seeds": [int(s) for s in per_seed], "per_seed": per_seed, "metrics": first,
+        "std": {name: {m: 0.0 for m in values} for name, values in first.items()}}))
+    return path
+
+
+def test_runs_of_one_system_on_other_seeds_pool_into_one(tmp_path):
+    first = seeds_json(tmp_path / "a.json", {42: {"popularity": 0.70, "P2Rec student": 0.9, "DELRec": 0.80}})
+    (tmp_path / "b").mkdir()  # another machine's out dir
+    rest = seeds_json(tmp_path / "b" / "c.json", {43: {"popularity": 0.71, "DELRec": 0.82},
+                                                  44: {"popularity": 0.72, "DELRec": 0.84}})
+    printed = run_stage("baselines/table.py", "--runs", first, rest).stdout
+    assert printed.count("DELRec's candidates") == 1 and "seeds 42 43 44" in printed
+    assert "| popularity | 0.7100 ± 0.0100 |" in printed
+    assert "| DELRec | 0.8200 ± 0.0200* | 0.8200 ± 0.0200* | 100 s (LLM 90 s) |" in printed  # 0.11 > 2 x 0.02
+    assert "P2Rec student" not in printed  # scored by one seed of three: no mean over the three
+
+
+def test_runs_with_other_settings_stay_apart_and_say_how_they_differ(tmp_path):
+    seeds = {1: {"popularity": 0.7, "DELRec": 0.8}, 2: {"popularity": 0.7, "DELRec": 0.8}}
+    five = seeds_json(tmp_path / "five.json", seeds)
+    twenty = seeds_json(tmp_path / "twenty.json", seeds, prefixes=20)
+    printed = run_stage("baselines/table.py", "--runs", five, twenty).stdout
+    assert "| DELRec (--prefixes 5) |" in printed and "| DELRec (--prefixes 20) |" in printed
+
+
+@pytest.mark.parametrize("case, words", [("missing", "does not exist"), ("not metrics", "is not a baseline's metrics"),
+                                         ("seed twice", "seed 1 of DELRec is in two of the --runs files")])
+def test_bad_runs_are_one_error_line(tmp_path, case, words):
+    run = seeds_json(tmp_path / "run.json", {1: {"popularity": 0.7, "DELRec": 0.8}})
+    (tmp_path / "other.json").write_text(json.dumps({"users": 5}))
+    given = {"missing": [tmp_path / "nowhere.json"], "not metrics": [run, tmp_path / "other.json"],
+             "seed twice": [run, run]}[case]
+    proc = run_stage("baselines/table.py", "--runs", *given, check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and words in proc.stderr
