@@ -11,7 +11,8 @@ $ python baselines/table.py --runs results/delrec_beauty_round11_tokens_prefixes
       results/delrec_beauty_round12_tokens_prefixes5_seeds43-44.json
 
 `--runs` reads the metrics files given instead, and pools runs of one system whose settings differ in their seeds
-alone (seed 42 on one machine, 43 and 44 on another) into one run over all their seeds.
+alone (seed 42 on one machine, 43 and 44 on another) into one run over all their seeds. The files do not say which
+commit made them: give runs of the same code, or of changes that you know rank alike.
 
 With 3 seeds or more, a system's figure carries * where its mean is above popularity's by more than twice the
 larger standard deviation of the two (the bar the baselines are held to). Rows of systems that every run scores
@@ -67,12 +68,15 @@ def systems(run):
 def pool_seeds(runs):
     """Runs of one system with the same settings on other seeds as one run over all their seeds: every seed's
     metrics, their mean ± std over the systems that every seed scored."""
-    per_seed = {}
+    per_seed, came_from = {}, {}
     for run in runs:
         twice = per_seed.keys() & run["per_seed"].keys()
         if twice:
-            raise UserError(f"seed {min(twice)} of {systems(run)[0]} is in two of the --runs files: give one of them")
+            seed = min(twice, key=int)
+            raise UserError(f"seed {seed} of {systems(run)[0]} is in both {came_from[seed]} and {run['path']}: "
+                            f"give one of them")
         per_seed.update(run["per_seed"])
+        came_from.update(dict.fromkeys(run["per_seed"], run["path"]))
     per_seed = dict(sorted(per_seed.items(), key=lambda item: int(item[0])))
     scored = set.intersection(*(set(seed["metrics"]) for seed in per_seed.values()))
     mean, std = seeds_mean_std({s: {k: v for k, v in seed["metrics"].items() if k in scored}
@@ -126,7 +130,7 @@ def read_runs(paths):
         if not (isinstance(run, dict) and {"args", "per_seed", "metrics", "std"} <= run.keys()
                 and "popularity" in run["metrics"]):
             raise UserError(f"{path} is not a baseline's metrics file: {give}")
-        yield run
+        yield {**run, "path": path}
 
 
 def main():

@@ -85,7 +85,7 @@ def test_runs_with_other_settings_stay_apart_and_say_how_they_differ(tmp_path):
 
 
 @pytest.mark.parametrize("case, words", [("missing", "does not exist"), ("not metrics", "is not a baseline's metrics"),
-                                         ("seed twice", "seed 1 of DELRec is in two of the --runs files")])
+                                         ("seed twice", "seed 1 of DELRec is in both")])
 def test_bad_runs_are_one_error_line(tmp_path, case, words):
     run = seeds_json(tmp_path / "run.json", {1: {"popularity": 0.7, "DELRec": 0.8}})
     (tmp_path / "other.json").write_text(json.dumps({"users": 5}))
