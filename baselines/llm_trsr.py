@@ -26,12 +26,15 @@ by one new token each (Beauty), whose embedding the LoRA training learns along, 
 
 Recommender: LoRA (r 8, alpha 16, on q/k/v/o) learns to answer "Yes" for the item that came next after a
 training prefix and "No" for a random item the user never touched (1:1). Score = softmax over the "Yes" and
-"No" logits. Test: the true next item and `--candidates`-1 random unseen items, Recall and MRR at 3/5/10, with
-the SASRec teacher and the P2Rec student scored on the same candidates, beside popularity and a random order.
+"No" logits. A user's prompts differ only in their candidate, so the shared part runs once: one row holds it and
+every candidate after it, a mask keeping each candidate to itself (candidate_rows), which computes what separate
+prompts would with about a third fewer tokens in training (two candidates) and a third as many in ranking 21.
+Test: the true next item and `--candidates`-1 random unseen items, Recall and MRR at 3/5/10, with the SASRec
+teacher and the P2Rec student scored on the same candidates, beside popularity and a random order.
 
 Two scales (--scale): on a CPU, small defaults (200 training users and their last training item, one epoch, 200
 test users) keep the tests and a smoke run quick; on a GPU, full ones: every user and the last 20 prefixes of its
-train split, 128 samples a step (halved until a step fits the GPU's free memory), the LoRA stopping once
+train split, 64 of them a step (128 prompts; halved until a step fits the GPU's free memory), the LoRA stopping once
 validation MRR@10 (500 users' second last items) has not improved for 3 epochs, keeping its best epoch, and
 every user tested. --seeds 42 43 44 reports mean ± std. Interrupted? The same command resumes: summaries come
 from their cache, finished seeds are kept, the LoRA resumes from its last whole epoch
@@ -53,8 +56,8 @@ from common import (ITEM_NAMES, EarlyStopping, ItemTokens, Stopwatch, UserError,
                     add_scale_args, check_nonnegative, check_positive, compile_blocks, embed_tokens,
                     expected_at_random, fill_scale_defaults, fit_batch_size, item_names, llm_fingerprint,
                     load_dataset, load_llm, load_teacher_and_student, longest, matmul_dtype, pick_device, pick_users,
-                    popularity_scores, random_unseen, rank_systems, ranking_cases, right_padded, run_main, run_seeds,
-                    save_atomic, save_checkpoint, scaled, scoring_batch, seed_everything, set_rng_state,
+                    popularity_scores, random_unseen, rank_systems, ranking_cases, run_main, run_seeds,
+                    save_atomic, save_checkpoint, scaled, seed_everything, set_rng_state,
                     shuffled_batches, stage_dir, train_prefixes)
 
 KS = (3, 5, 10)
@@ -219,57 +222,79 @@ def add_lora(llm):
     return llm, [p for p in llm.parameters() if p.requires_grad]
 
 
-def last_hidden(llm, seqs, device, cache=None, items=None):
-    """The decoder's hidden state at the last token of each id list (right-padded into one batch; causal
-    attention keeps the padding out of every real position), after `cache` when given; `items`: common.ItemTokens,
-    where items are tokens of their own. Returns it with the base model, whose output embeddings are the LM head."""
+def candidate_rows(prefixes, candidates):
+    """Each prefix and all its candidates in one row: the prefix's ids once, then each candidate's ids (the rest of
+    its prompt), right-padded to a width divisible by 8 (what memory-efficient attention wants of a mask). The 4D
+    mask lets a candidate's tokens see the prefix and the candidate's own earlier tokens only, and their positions
+    continue the prefix's, so each candidate's last hidden state is what its whole prompt alone would give, while
+    the prefix runs once a row instead of once a candidate. Returns ids and positions [rows, width], the mask
+    [rows, 1, width, width] (True: may attend) and the (row, column) of every candidate's last token, in order."""
+    width = max(len(p) + sum(map(len, cs)) for p, cs in zip(prefixes, candidates))
+    width += -width % 8
+    ids, positions = (torch.zeros(len(prefixes), width, dtype=torch.long) for _ in range(2))
+    segment = torch.full((len(prefixes), width), -1)  # 0: the prefix, k: the k-th candidate, -1: padding
+    rows, cols = [], []
+    for row, (prefix, cands) in enumerate(zip(prefixes, candidates)):
+        start = len(prefix)
+        ids[row, :start], positions[row, :start], segment[row, :start] = torch.tensor(prefix), torch.arange(start), 0
+        for k, cand in enumerate(cands, 1):
+            end = start + len(cand)
+            ids[row, start:end], segment[row, start:end] = torch.tensor(cand), k
+            positions[row, start:end] = torch.arange(len(prefix), len(prefix) + len(cand))
+            rows.append(row)
+            cols.append(end - 1)
+            start = end
+    query, key = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()  # padding sees itself: no row of the mask is empty
+    mask = causal & ((key == 0) | (key == query))
+    return ids, positions, mask[:, None], (torch.tensor(rows), torch.tensor(cols))
+
+
+def candidate_hidden(llm, prefixes, candidates, device, items=None):
+    """The decoder's hidden state [candidates in all, hidden] at the last token of each prefix + candidate, from
+    one row per prefix (candidate_rows), in fp32; `items`: common.ItemTokens, where items are tokens of their own.
+    Returns it with the base model, whose output embeddings are the LM head."""
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    lengths = torch.tensor([len(s) for s in seqs], device=device)
-    embeds = embed_tokens(base, right_padded(seqs).to(device), items)
-    hidden = base.get_decoder()(inputs_embeds=embeds, past_key_values=cache, use_cache=cache is not None)
-    return hidden.last_hidden_state[torch.arange(len(seqs), device=device), lengths - 1].float(), base
+    ids, positions, mask, last = candidate_rows(prefixes, candidates)
+    hidden = base.get_decoder()(inputs_embeds=embed_tokens(base, ids.to(device), items),
+                                position_ids=positions.to(device), attention_mask=mask.to(device),
+                                use_cache=False).last_hidden_state
+    return hidden[last[0].to(device), last[1].to(device)].float(), base
 
 
-def last_token_logits(llm, prompts, device, items=None):
-    """Next-token logits after each prompt (lists of ids); the head runs on the last position only (the
-    full [batch, length, vocab] logits would be most of the memory), in fp32: bf16 logits tie often."""
-    last, base = last_hidden(llm, prompts, device, items=items)
+def answer_logits(llm, prefixes, candidates, device, items=None):
+    """Next-token logits after every prefix + candidate, over the vocabulary, in fp32 (bf16 logits tie often); the
+    head runs on those last positions only (the full [rows, width, vocab] logits would be most of the memory)."""
+    last, base = candidate_hidden(llm, prefixes, candidates, device, items)
     return F.linear(last, base.get_output_embeddings().weight.float())
 
 
 @torch.no_grad()
-def yes_probability(llm, prefix, rests, answers, device, items=None):
-    """P(Yes) against No for every candidate: the shared prefix runs once and its KV cache serves them all."""
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    prefix_embeds = embed_tokens(base, torch.tensor([prefix], device=device), items)
-    cache = base.get_decoder()(inputs_embeds=prefix_embeds, use_cache=True).past_key_values
-    cache.batch_repeat_interleave(len(rests))
-    last, _ = last_hidden(llm, rests, device, cache, items)
-    logits = last @ base.get_output_embeddings().weight[answers].float().T  # [candidates, (Yes, No)], fp32
-    return logits.softmax(-1)[:, 0].cpu()
-
-
-@torch.no_grad()
-def yes_probabilities(llm, prompts, answers, device, batch_size, items=None):
-    """yes_probability() without the shared cache: P(Yes) against No after each whole prompt, `batch_size` prompts
-    a step. More arithmetic, but on a GPU large batches beat hundreds of small launch-bound steps."""
-    batches = (prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size))
-    return torch.cat([last_token_logits(llm, batch, device, items)[:, answers].softmax(-1)[:, 0].cpu()
-                      for batch in batches])
+def yes_probabilities(llm, prefixes, candidates, answers, device, rows_per_step, items=None):
+    """P(Yes) against No for every candidate of every prefix (one tensor per prefix), `rows_per_step` prefixes a
+    step, each with all its candidates."""
+    probs = []
+    for i in tqdm(range(0, len(prefixes), rows_per_step), desc="score", leave=False):
+        cands = candidates[i:i + rows_per_step]
+        last, base = candidate_hidden(llm, prefixes[i:i + rows_per_step], cands, device, items)
+        yes_no = last @ base.get_output_embeddings().weight[answers].float().T  # [candidates, (Yes, No)]
+        probs += yes_no.softmax(-1)[:, 0].cpu().split([len(c) for c in cands])
+    return probs
 
 
 def batch_loss(llm, batch, answers, device, items=None):
-    """Cross-entropy of the answer token ("Yes" or "No") after each (prompt ids, answer) of the batch, over the
-    whole vocabulary."""
-    targets = torch.tensor([answers[label] for _, label in batch], device=device)
-    return F.cross_entropy(last_token_logits(llm, [p for p, _ in batch], device, items), targets)
+    """Cross-entropy, over the whole vocabulary, of "Yes" after each training cut's next item and "No" after its
+    unseen one; `batch`: (prefix ids, [next item's ids, unseen item's ids]) per cut."""
+    targets = torch.tensor([answers["Yes"], answers["No"]] * len(batch), device=device)
+    logits = answer_logits(llm, [prefix for prefix, _ in batch], [cands for _, cands in batch], device, items)
+    return F.cross_entropy(logits, targets)
 
 
 def train(llm, params, samples, answers, args, device, progress, validate, items=None):
-    """AdamW on the cross-entropy of the answer token ("Yes" or "No") after each prompt, over the vocabulary, for
-    up to --epochs epochs; stops once `validate()` has not improved for --patience epochs and keeps the best epoch.
-    Every epoch ends in a checkpoint (`progress`): after Ctrl-C or kill -9 the same command resumes after the last
-    whole epoch. Returns the last epoch's mean step loss and the early stopping record."""
+    """AdamW on batch_loss (`samples`: one per training cut, --batch-size cuts a step, each with its Yes and its No
+    prompt) for up to --epochs epochs; stops once `validate()` has not improved for --patience epochs and keeps the
+    best epoch. Every epoch ends in a checkpoint (`progress`): after Ctrl-C or kill -9 the same command resumes
+    after the last whole epoch. Returns the last epoch's mean step loss and the early stopping record."""
     opt = torch.optim.AdamW(params, lr=args.lr)
     start, loss, early = 0, None, EarlyStopping(args.patience)
     resumed = progress["resumed"]
@@ -306,15 +331,12 @@ def train(llm, params, samples, answers, args, device, progress, validate, items
     return loss, early
 
 
-def training_pairs(seqs, users, prefixes, num_items, rng):
-    """(user, history, item, answer) per training prefix (common.train_prefixes): its last item with "Yes" after
-    the items before it, and one random item the user never interacted with (in any split) with "No"."""
-    pairs = []
-    for u in users:
-        for seen in train_prefixes(seqs[u], prefixes, shortest=2):
-            negative = random_unseen(set(seqs[u]), 1, num_items, rng)[0]
-            pairs += [(u, seen[:-1], seen[-1], "Yes"), (u, seen[:-1], negative, "No")]
-    return pairs
+def training_cuts(seqs, users, prefixes, num_items, rng):
+    """(user, history, next item, unseen item) per training prefix (common.train_prefixes): after the items before
+    the prefix's last, the answer is "Yes" for that last item and "No" for one random item the user never
+    interacted with (in any split)."""
+    return [(u, seen[:-1], seen[-1], random_unseen(set(seqs[u]), 1, num_items, rng)[0])
+            for u in users for seen in train_prefixes(seqs[u], prefixes, shortest=2)]
 
 
 def ranking_metrics(rank):
@@ -328,7 +350,7 @@ def ranking_metrics(rank):
 
 # Options whose default depends on --scale: (small, for a CPU: the tests and a smoke run | full, for a GPU)
 SCALES = {"train_users": (200, 0), "prefixes": (1, 20), "test_users": (200, 0), "valid_users": (50, 500),
-          "epochs": (1, 20), "patience": (1, 3), "batch_size": (8, 128), "lr": (5e-4, 1e-3), "generate_batch": (32, 512),
+          "epochs": (1, 20), "patience": (1, 3), "batch_size": (4, 64), "lr": (5e-4, 1e-3), "generate_batch": (32, 512),
           "compile": (False, True)}
 
 
@@ -357,7 +379,8 @@ def parse_args():
                         "once validation MRR@10 has not improved for --patience epochs and keeps its best epoch"))
     parser.add_argument("--patience", type=int, help=scaled(SCALES, "patience", "epochs without a better validation "
                                                             "MRR@10 before the LoRA stops"))
-    parser.add_argument("--batch-size", type=int, help=scaled(SCALES, "batch_size", "samples per LoRA step"))
+    parser.add_argument("--batch-size", type=int, help=scaled(SCALES, "batch_size", "training cuts per LoRA step, "
+                                                              "each with a Yes and a No prompt"))
     parser.add_argument("--lr", type=float, help=scaled(SCALES, "lr", "AdamW learning rate"))
     args = parser.parse_args()
     device = pick_device(args.device)
@@ -371,16 +394,15 @@ def parse_args():
     return args, device
 
 
-def llm_scores(llm, texts, answers, cases, summaries, args, device, batch_size, items=None):
-    """P(Yes) of every candidate of every case: `batch_size` 0 (a CPU) case by case, each user's prompt cached for
-    its candidates (the least arithmetic); else every whole prompt in batches (yes_probabilities)."""
-    users = [texts.user_ids(summary, history[-args.recent:]) for (_, history, _, _), summary in zip(cases, summaries)]
-    if batch_size == 0:
-        return [yes_probability(llm, prefix, [texts.candidate_ids(c) for c in case[3]], list(answers.values()), device,
-                                items) for prefix, case in tqdm(list(zip(users, cases)), desc="score", leave=False)]
-    prompts = [prefix + texts.candidate_ids(c) for prefix, case in zip(users, cases) for c in case[3]]
-    return yes_probabilities(llm, prompts, list(answers.values()), device, batch_size, items).split(
-        [len(case[3]) for case in cases])
+def llm_scores(llm, texts, answers, cases, summaries, args, device, items=None):
+    """P(Yes) of every candidate of every case (one tensor per case), a case's prompt and all its candidates in one
+    row, as many rows a step as hold about 8 x --batch-size candidates (no gradients: four times a training step's
+    prompts)."""
+    prefixes = [texts.user_ids(summary, history[-args.recent:])
+                for (_, history, _, _), summary in zip(cases, summaries)]
+    candidates = [[texts.candidate_ids(c) for c in case[3]] for case in cases]
+    rows_per_step = max(1, 8 * args.batch_size // args.candidates)
+    return yes_probabilities(llm, prefixes, candidates, list(answers.values()), device, rows_per_step, items)
 
 
 def run_seed(seed, args, data, device, references, progress):
@@ -389,7 +411,7 @@ def run_seed(seed, args, data, device, references, progress):
     seed_everything(seed)
     rng = random.Random(seed)
     seqs, num_items, out = data["sequences"], data["num_items"], stage_dir(args)
-    pairs = training_pairs(seqs, pick_users(len(seqs), args.train_users, rng), args.prefixes, num_items, rng)
+    cuts = training_cuts(seqs, pick_users(len(seqs), args.train_users, rng), args.prefixes, num_items, rng)
     valid = ranking_cases(seqs, pick_users(len(seqs), args.valid_users, random.Random(seed + 3)), num_items,
                           args.candidates, random.Random(seed + 4), "valid")
     test = ranking_cases(seqs, pick_users(len(seqs), args.test_users, random.Random(seed + 1)), num_items,
@@ -405,7 +427,7 @@ def run_seed(seed, args, data, device, references, progress):
         items = ItemTokens(tokenizer, num_items, llm.get_input_embeddings().weight).to(device)
     answers = dict(zip(("Yes", "No"), texts.answer_ids()))
 
-    # 1. summaries of every history the recommender reads (a training pair's: the items before its prefix's last)
+    # 1. summaries of every history the recommender reads (a training cut's: the items before its prefix's last)
     settings = {"llm": llm_fingerprint(args.llm), "summary_tokens": args.summary_tokens,
                 "dataset_fingerprint": data["fingerprint"], "prompts": [texts.block([]), texts.merge([]),
                                                                          texts.update("", [])]}
@@ -413,14 +435,14 @@ def run_seed(seed, args, data, device, references, progress):
     summarise = getattr(summarizer, args.paradigm)
     llm_time = Stopwatch()  # generation, batch fitting, training, validation and scoring
     with llm_time:
-        train_summaries = summarise([history for _, history, _, _ in pairs])
+        train_summaries = summarise([history for _, history, _, _ in cuts])
         valid_summaries, test_summaries = summarise([c[1] for c in valid]), summarise([c[1] for c in test])
     print(f"seed {seed}, summaries ({args.paradigm}): {summarizer.generated} generated, {len(summarizer.cache)} in the "
           f"cache; a test user's: {test_summaries[0]!r}")
 
     # 2. LoRA fine-tuning to answer Yes for the next item, No for a random unseen one
-    samples = [(texts.user_ids(summary, history[-args.recent:]) + texts.candidate_ids(item), answer)
-               for (_, history, item, answer), summary in zip(pairs, train_summaries)]
+    samples = [(texts.user_ids(summary, history[-args.recent:]), [texts.candidate_ids(i) for i in (nxt, unseen)])
+               for (_, history, nxt, unseen), summary in zip(cuts, train_summaries)]
     llm, params = add_lora(llm)
     params += [] if items is None else [items.emb.weight]
     if args.compile:
@@ -428,29 +450,30 @@ def run_seed(seed, args, data, device, references, progress):
     # the batch that fits the GPU's free memory; in args, so that validation batches and the metrics JSON follow it.
     # Its trial step is where --compile compiles: LLM time
     with llm_time:
-        args.batch_size = fit_batch_size(lambda n: batch_loss(llm, longest(samples, n, lambda s: len(s[0])), answers,
-                                                              device, items).backward(), params, args.batch_size, device)
+        longest_cuts = lambda n: longest(samples, n, lambda s: len(s[0]) + len(s[1][0]))  # noqa: E731
+        args.batch_size = fit_batch_size(lambda n: batch_loss(llm, longest_cuts(n), answers, device, items).backward(),
+                                         params, args.batch_size, device)
     if progress["resumed"] is not None:
         set_rng_state(progress["resumed"]["rng"])
         print(f"resuming from {progress['path']}: seed {seed}, epoch {progress['resumed']['epoch']} was done")
     name = f"LLM-TRSR ({args.paradigm})"
 
     def validate():
-        scores = llm_scores(llm, texts, answers, valid, valid_summaries, args, device, scoring_batch(args, device), items)
+        scores = llm_scores(llm, texts, answers, valid, valid_summaries, args, device, items)
         return rank_systems({name: llm}, llm, scores, valid, ranking_metrics, "validate")[name]["MRR@10"]
 
     with llm_time:
         loss, early = train(llm, params, samples, answers, args, device, progress, validate, items)
-    print(f"seed {seed}, LoRA: {len(samples)} samples (1:1 Yes and No), training loss {loss:.3f}, best epoch "
+    print(f"seed {seed}, LoRA: {2 * len(samples)} samples (1:1 Yes and No), training loss {loss:.3f}, best epoch "
           f"{early.best_epoch} of {len(early.scores)} (validation MRR@10 {' '.join(f'{v:.4f}' for v in early.scores)})")
 
     # 3. test: every system ranks the same candidates
     systems = {"popularity": popularity_scores(seqs, num_items, seed), **references, name: llm}
     with llm_time:
-        scores = llm_scores(llm, texts, answers, test, test_summaries, args, device, scoring_batch(args, device), items)
+        scores = llm_scores(llm, texts, answers, test, test_summaries, args, device, items)
     result = rank_systems(systems, llm, scores, test, ranking_metrics, "test")
     return {"metrics": {**result, "random (expected)": expected_at_random(ranking_metrics, args.candidates)},
-            "best_epoch": early.best_epoch, "valid_mrr10": early.scores, "train_samples": len(samples),
+            "best_epoch": early.best_epoch, "valid_mrr10": early.scores, "train_samples": 2 * len(samples),
             "test_users": len(test), "llm_seconds": round(llm_time.seconds, 1)}
 
 

@@ -121,33 +121,54 @@ def test_generation_is_batched_and_capped(tiny, tmp_path):
     assert max(new_tokens) == 3
 
 
-def test_yes_probability_covers_every_candidate_and_matches_a_full_forward(tiny):
+def test_candidate_rows_keep_each_candidate_to_the_prefix_and_itself():
+    ids, positions, mask, (rows, cols) = llm_trsr.candidate_rows([[1, 2, 3], [4]], [[[5, 6], [7]], [[8, 9, 10]]])
+    assert ids.shape == (2, 8) and ids[0].tolist() == [1, 2, 3, 5, 6, 7, 0, 0] and ids[1, :4].tolist() == [4, 8, 9, 10]
+    assert positions[0, :6].tolist() == [0, 1, 2, 3, 4, 3]  # each candidate continues the prefix
+    assert rows.tolist() == [0, 0, 1] and cols.tolist() == [4, 5, 3]
+    assert mask[0, 0, 5].tolist() == [True, True, True, False, False, True, False, False]  # not the other candidate
+    assert mask[0, 0, 4].tolist() == [True] * 5 + [False] * 3 and mask[1, 0, 0].tolist() == [True] + [False] * 7
+    assert not mask[1, 0, :4, 4:].any() and mask.diagonal(dim1=2, dim2=3).all()  # padding: seen by none, sees itself
+
+
+@pytest.mark.parametrize("titles", [True, False])
+def test_shared_rows_score_what_whole_prompts_do(tiny, titles):
+    """Prefixes of two lengths, four and two candidates of their own lengths (titles) or of one length (IDs):
+    every candidate's logits equal the LLM's own forward over its whole prompt, batched in rows or not."""
     llm, texts = tiny
-    answers = list(texts.answer_ids())
-    prefix = texts.user_ids("likes dramas", [1, 2, 3])
-    cands = [4, 5, 6, 30]
-    probs = llm_trsr.yes_probability(llm, prefix, [texts.candidate_ids(c) for c in cands], answers,
-                                     torch.device("cpu"))
-    assert probs.shape == (len(cands),) and ((probs > 0) & (probs < 1)).all()
+    texts = texts if titles else llm_trsr.Texts(texts.tok, None, None)
+    prefixes = [texts.user_ids("likes dramas", [1, 2, 3]), texts.user_ids("a user who likes long war films", [9])]
+    candidates = [[texts.candidate_ids(c) for c in (4, 5, 17, 30)], [texts.candidate_ids(c) for c in (6, 7)]]
     with torch.no_grad():
-        logits = llm_trsr.last_token_logits(llm, [prefix + texts.candidate_ids(c) for c in cands], torch.device("cpu"))
-    assert torch.allclose(probs, logits[:, answers].softmax(-1)[:, 0], atol=1e-5)
-    # the GPU route: whole prompts in padded batches
-    batched = llm_trsr.yes_probabilities(llm, [prefix + texts.candidate_ids(c) for c in cands], answers,
-                                         torch.device("cpu"), batch_size=3)
-    assert torch.allclose(batched, probs, atol=1e-5)
+        got = llm_trsr.answer_logits(llm, prefixes, candidates, torch.device("cpu"))
+        want = torch.cat([llm(torch.tensor([p + c])).logits[0, -1:] for p, cs in zip(prefixes, candidates) for c in cs])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    answers = list(texts.answer_ids())
+    for rows_per_step in (1, 2):
+        probs = llm_trsr.yes_probabilities(llm, prefixes, candidates, answers, torch.device("cpu"), rows_per_step)
+        assert [len(p) for p in probs] == [4, 2] and ((probs[0] > 0) & (probs[0] < 1)).all()
+        torch.testing.assert_close(torch.cat(probs), want[:, answers].softmax(-1)[:, 0], atol=1e-5, rtol=1e-5)
 
 
-def test_case_by_case_and_batched_scoring_agree(tiny):
+def test_training_loss_is_yes_after_the_next_item_and_no_after_the_unseen_one(tiny):
+    llm, texts = tiny
+    answers = dict(zip(("Yes", "No"), texts.answer_ids()))
+    batch = [(texts.user_ids("likes dramas", [1, 2]), [texts.candidate_ids(3), texts.candidate_ids(30)]),
+             (texts.user_ids("likes comedies", [4]), [texts.candidate_ids(5), texts.candidate_ids(31)])]
+    with torch.no_grad():
+        logits = torch.cat([llm(torch.tensor([p + c])).logits[0, -1:] for p, cs in batch for c in cs])
+        want = torch.nn.functional.cross_entropy(logits, torch.tensor([answers["Yes"], answers["No"]] * 2))
+        torch.testing.assert_close(llm_trsr.batch_loss(llm, batch, answers, torch.device("cpu")), want)
+
+
+def test_scores_come_one_tensor_per_case(tiny):
     llm, texts = tiny
     answers = dict(zip(("Yes", "No"), texts.answer_ids()))
     cases = ranking_cases([list(range(1, 12)), [5, 9, 2, 7, 3]], [0, 1], 40, 11, random.Random(0), "test")
-    args = types.SimpleNamespace(recent=3)
-    cached, batched = (llm_trsr.llm_scores(llm, texts, answers, cases, ["likes dramas", "likes comedies"], args,
-                                           torch.device("cpu"), size) for size in (0, 7))
-    assert len(cached) == len(batched) == 2
-    for one, other in zip(cached, batched):
-        assert one.shape == (11,) and torch.allclose(one, other, atol=1e-5)
+    args = types.SimpleNamespace(recent=3, batch_size=2, candidates=11)
+    scores = llm_trsr.llm_scores(llm, texts, answers, cases, ["likes dramas", "likes comedies"], args,
+                                 torch.device("cpu"))
+    assert [s.shape for s in scores] == [(11,), (11,)] and not torch.equal(scores[0], scores[1])
 
 
 def test_item_tokens_name_items_to_the_recommender_and_learn_with_the_lora(tiny_llm, tmp_path):
@@ -161,46 +182,45 @@ def test_item_tokens_name_items_to_the_recommender_and_learn_with_the_lora(tiny_
     prefix = texts.user_ids("likes dramas", [1, 3, 5])
     assert {items.first, items.first + 2, items.first + 4} <= set(prefix)  # the recommender reads tokens
     assert "Film 7" in texts.block([7]) and "<item_" not in texts.block([7])  # the summariser reads titles
-    cases = ranking_cases([list(range(1, 12)), [5, 9, 2, 7, 3]], [0, 1], 40, 11, random.Random(0), "test")
-    cached, batched = (llm_trsr.llm_scores(llm, texts, answers, cases, ["likes dramas", "likes comedies"],
-                                           types.SimpleNamespace(recent=3), cpu, size, items) for size in (0, 7))
-    for one, other in zip(cached, batched):
-        assert one.shape == (11,) and torch.allclose(one, other, atol=1e-5)
+    candidates = [[texts.candidate_ids(c) for c in (7, 8)]]
+    with torch.no_grad():  # item tokens in shared rows score what whole prompts do
+        whole = llm(inputs_embeds=items.embed(llm.get_input_embeddings(), torch.tensor([prefix + candidates[0][1]])))
+        torch.testing.assert_close(llm_trsr.answer_logits(llm, [prefix], candidates, cpu, items)[1],
+                                   whole.logits[0, -1], atol=1e-5, rtol=1e-5)
 
     def p_yes():
-        return llm_trsr.yes_probability(llm, prefix, [texts.candidate_ids(7)], list(answers.values()), cpu, items)
+        return llm_trsr.yes_probabilities(llm, [prefix], candidates, list(answers.values()), cpu, 1, items)[0]
     before, rows = p_yes(), items.emb.weight.detach().clone()
-    args = types.SimpleNamespace(lr=3e-2, epochs=5, patience=5, batch_size=1)
+    args = types.SimpleNamespace(lr=1e-2, epochs=3, patience=3, batch_size=1)
     progress = {"path": str(tmp_path / "ckpt.pt"), "settings": {}, "seed": 0, "finished": {}, "resumed": None}
-    llm_trsr.train(llm, params + [items.emb.weight], [(prefix + texts.candidate_ids(7), "Yes")], answers, args, cpu,
-                   progress, lambda: float(p_yes()), items)
-    assert p_yes() > before + 0.1
-    moved = (items.emb.weight - rows).norm(dim=1)  # the prompt's items learn; the others only decay (AdamW)
-    assert moved[[1, 3, 5, 7]].min() > 10 * moved[[2, 30]].max()
+    llm_trsr.train(llm, params + [items.emb.weight], [(prefix, candidates[0])] * 20, answers, args, cpu, progress,
+                   lambda: float(p_yes()[0] - p_yes()[1]), items)
+    assert p_yes()[0] > before[0] + 0.1 and p_yes()[1] < before[1] - 0.1  # Yes for 7, No for 8
+    moved = (items.emb.weight - rows).norm(dim=1)  # the prompts' items learn; the others only decay (AdamW)
+    assert moved[[1, 3, 5, 7, 8]].min() > 10 * moved[[2, 30]].max()
 
 
-@pytest.mark.parametrize("answer", ["Yes", "No"])
-def test_lora_learns_to_answer(tiny_llm, tiny, answer, tmp_path):
+def test_lora_learns_to_answer(tiny_llm, tiny, tmp_path):
+    """Two training cuts: after the LoRA, P(Yes) rises for each cut's next item and falls for its unseen one."""
     from transformers import AutoModelForCausalLM
     _, texts = tiny
     torch.manual_seed(0)
     llm, params = llm_trsr.add_lora(AutoModelForCausalLM.from_pretrained(tiny_llm).requires_grad_(False))
     answers = dict(zip(("Yes", "No"), texts.answer_ids()))
-    prefix = texts.user_ids("likes dramas", [1, 3, 5])
+    samples = [(texts.user_ids("likes dramas", [1, 3, 5]), [texts.candidate_ids(7), texts.candidate_ids(8)]),
+               (texts.user_ids("likes comedies", [2, 4]), [texts.candidate_ids(6), texts.candidate_ids(9)])]
 
     def p_yes():
-        return llm_trsr.yes_probability(llm, prefix, [texts.candidate_ids(7), texts.candidate_ids(8)],
-                                        list(answers.values()), torch.device("cpu"))
+        return torch.stack(llm_trsr.yes_probabilities(llm, [p for p, _ in samples], [c for _, c in samples],
+                                                       list(answers.values()), torch.device("cpu"), 2))
     before = p_yes()
-    samples = [(prefix + texts.candidate_ids(7), answer), (prefix + texts.candidate_ids(8), answer)]
-    args = types.SimpleNamespace(lr=3e-2, epochs=10, patience=10, batch_size=2)
+    args = types.SimpleNamespace(lr=1e-2, epochs=4, patience=4, batch_size=2)
     progress = {"path": str(tmp_path / "ckpt.pt"), "settings": {}, "seed": 0, "finished": {}, "resumed": None}
-    sign = 1 if answer == "Yes" else -1
-    _, early = llm_trsr.train(llm, params, samples, answers, args, torch.device("cpu"), progress,
-                              lambda: sign * float(p_yes().mean()))
-    assert len(early.scores) == 10 and early.scores[early.best_epoch - 1] == max(early.scores)
+    _, early = llm_trsr.train(llm, params, samples * 15, answers, args, torch.device("cpu"), progress,
+                              lambda: float((p_yes()[:, 0] - p_yes()[:, 1]).mean()))  # 15 steps an epoch
+    assert len(early.scores) == 4 and early.scores[early.best_epoch - 1] == max(early.scores)
     moved = p_yes() - before
-    assert (moved > 0.1).all() if answer == "Yes" else (moved < -0.1).all()
+    assert (moved[:, 0] > 0.1).all() and (moved[:, 1] < -0.1).all()
     assert all(p.grad is not None for p in params)
 
 
@@ -245,11 +265,11 @@ def test_compiled_blocks_compute_what_eager_ones_do(tiny_llm):
     llm, params = llm_trsr.add_lora(AutoModelForCausalLM.from_pretrained(tiny_llm).requires_grad_(False))
     for param in params:
         param.data.normal_(0, 0.1)  # PEFT starts B at zero: give every LoRA weight a gradient
-    prompts = [list(range(5, 17)), list(range(30, 37))]
+    prefixes, candidates = [list(range(5, 17)), list(range(30, 33))], [[[40, 41], [42]], [[43, 44, 45, 46]]]
     llm.eval()
 
     def scores_and_grads():
-        logits = llm_trsr.last_token_logits(llm, prompts, torch.device("cpu"))
+        logits = llm_trsr.answer_logits(llm, prefixes, candidates, torch.device("cpu"))
         grads = torch.autograd.grad(logits[:, 3].sum(), params)
         return logits.detach(), grads
 
@@ -264,8 +284,8 @@ def test_compiled_blocks_compute_what_eager_ones_do(tiny_llm):
 
 def test_a_batch_too_large_for_the_gpu_halves_until_its_step_fits(pipeline, tmp_path, tiny_llm, monkeypatch, capsys):
     printed, used = batch_on_a_gpu_that_fits(llm_trsr, pipeline, tmp_path, ["--llm", tiny_llm, *ARGS],
-                                             "llm_trsr_hierarchical_metrics.json", 4, monkeypatch, capsys)
-    assert "--batch-size 8 does not fit in the GPU's free memory: 4 samples a step" in printed and used == 4
+                                             "llm_trsr_hierarchical_metrics.json", 2, monkeypatch, capsys)
+    assert "--batch-size 4 does not fit in the GPU's free memory: 2 samples a step" in printed and used == 2
 
 
 def test_killed_run_resumes_to_the_same_metrics(pipeline, tmp_path, tiny_llm):
@@ -277,16 +297,13 @@ def test_killed_run_resumes_to_the_same_metrics(pipeline, tmp_path, tiny_llm):
     assert resumed == whole
 
 
-def test_training_pairs_answer_yes_for_each_prefixs_last_item_and_no_for_an_unseen_one():
+def test_training_cuts_pair_each_prefixs_last_item_with_an_unseen_one():
     seqs = [list(range(1, 12)), [5, 9, 2, 7, 3], [40, 39, 38]]
-    pairs = llm_trsr.training_pairs(seqs, [0, 1, 2] * 20, 1, num_items=40, rng=random.Random(0))
-    assert len(pairs) == 80 and sum(answer == "Yes" for *_, answer in pairs) == 40  # user 2's train split: one item
-    for u, history, item, answer in pairs:
-        assert history == seqs[u][:-3]  # the train split's last item is the answer: validation and test stay unseen
-        if answer == "Yes":
-            assert item == seqs[u][-3]
-        else:
-            assert item not in seqs[u] and 1 <= item <= 40
-    prefixes = llm_trsr.training_pairs(seqs[:2], [0, 1], 3, num_items=40, rng=random.Random(0))
-    assert [(history[-1], item) for _, history, item, answer in prefixes if answer == "Yes"] == \
+    cuts = llm_trsr.training_cuts(seqs, [0, 1, 2] * 20, 1, num_items=40, rng=random.Random(0))
+    assert len(cuts) == 40  # user 2's train split: one item, no target
+    for u, history, nxt, unseen in cuts:
+        assert history == seqs[u][:-3] and nxt == seqs[u][-3]  # validation and test stay unseen
+        assert unseen not in seqs[u] and 1 <= unseen <= 40
+    prefixes = llm_trsr.training_cuts(seqs[:2], [0, 1], 3, num_items=40, rng=random.Random(0))
+    assert [(history[-1], nxt) for _, history, nxt, _ in prefixes] == \
         [(8, 9), (7, 8), (6, 7), (9, 2), (5, 9)]  # user 1's train split [5, 9, 2] has two prefixes with a target
