@@ -396,13 +396,12 @@ def parse_args():
 
 def llm_scores(llm, texts, answers, cases, summaries, args, device, items=None):
     """P(Yes) of every candidate of every case (one tensor per case), a case's prompt and all its candidates in one
-    row, as many rows a step as hold about 8 x --batch-size candidates (no gradients: four times a training step's
-    prompts)."""
+    row, --batch-size rows a step: as many as a training step's cuts, but with no gradients to keep, so rows of 21
+    candidates fit where cuts of two do."""
     prefixes = [texts.user_ids(summary, history[-args.recent:])
                 for (_, history, _, _), summary in zip(cases, summaries)]
     candidates = [[texts.candidate_ids(c) for c in case[3]] for case in cases]
-    rows_per_step = max(1, 8 * args.batch_size // args.candidates)
-    return yes_probabilities(llm, prefixes, candidates, list(answers.values()), device, rows_per_step, items)
+    return yes_probabilities(llm, prefixes, candidates, list(answers.values()), device, args.batch_size, items)
 
 
 def run_seed(seed, args, data, device, references, progress):

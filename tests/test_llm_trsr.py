@@ -165,7 +165,7 @@ def test_scores_come_one_tensor_per_case(tiny):
     llm, texts = tiny
     answers = dict(zip(("Yes", "No"), texts.answer_ids()))
     cases = ranking_cases([list(range(1, 12)), [5, 9, 2, 7, 3]], [0, 1], 40, 11, random.Random(0), "test")
-    args = types.SimpleNamespace(recent=3, batch_size=2, candidates=11)
+    args = types.SimpleNamespace(recent=3, batch_size=1)  # one case a step
     scores = llm_trsr.llm_scores(llm, texts, answers, cases, ["likes dramas", "likes comedies"], args,
                                  torch.device("cpu"))
     assert [s.shape for s in scores] == [(11,), (11,)] and not torch.equal(scores[0], scores[1])
