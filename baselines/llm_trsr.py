@@ -447,11 +447,14 @@ def run_seed(seed, args, data, device, references, progress):
     if args.compile:
         compile_blocks(llm)
     # the batch that fits the GPU's free memory; in args, so that validation batches and the metrics JSON follow it.
-    # Its trial step is where --compile compiles: LLM time
+    # Its trial step, on the cuts whose rows (the prefix and both candidates) are longest, is where --compile
+    # compiles: LLM time
+    def trial_step(n):
+        batch_loss(llm, longest(samples, n, lambda s: len(s[0]) + sum(map(len, s[1]))), answers, device,
+                   items).backward()
+
     with llm_time:
-        longest_cuts = lambda n: longest(samples, n, lambda s: len(s[0]) + len(s[1][0]))  # noqa: E731
-        args.batch_size = fit_batch_size(lambda n: batch_loss(llm, longest_cuts(n), answers, device, items).backward(),
-                                         params, args.batch_size, device)
+        args.batch_size = fit_batch_size(trial_step, params, args.batch_size, device)
     if progress["resumed"] is not None:
         set_rng_state(progress["resumed"]["rng"])
         print(f"resuming from {progress['path']}: seed {seed}, epoch {progress['resumed']['epoch']} was done")
