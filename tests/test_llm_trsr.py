@@ -133,8 +133,8 @@ def test_candidate_rows_keep_each_candidate_to_the_prefix_and_itself():
 
 @pytest.mark.parametrize("titles", [True, False])
 def test_shared_rows_score_what_whole_prompts_do(tiny, titles):
-    """Prefixes of two lengths, four and two candidates of their own lengths (titles) or of one length (IDs):
-    every candidate's logits equal the LLM's own forward over its whole prompt, batched in rows or not."""
+    """Prefixes of two lengths, four and two candidates of their own lengths, named by title or by ID: every
+    candidate's logits equal the LLM's own forward over its whole prompt, batched in rows or not."""
     llm, texts = tiny
     texts = texts if titles else llm_trsr.Texts(texts.tok, None, None)
     prefixes = [texts.user_ids("likes dramas", [1, 2, 3]), texts.user_ids("a user who likes long war films", [9])]
