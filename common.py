@@ -1215,12 +1215,6 @@ def longest(samples, n, length):
     return sorted(samples, key=length)[-n:]
 
 
-def scoring_batch(args, device):
-    """Sequences per step when an LLM baseline scores candidates: on a GPU 4 x --batch-size (no gradients), every
-    candidate's prompt whole; on a CPU 0, meaning case by case, a prompt's cache shared by its candidates."""
-    return 4 * args.batch_size if device.type == "cuda" else 0
-
-
 def clearly_above(mean, std, base, base_std):
     """Our bar for a lift: a mean above the baseline's by more than twice the larger of the two standard deviations."""
     return mean - base > 2 * max(std, base_std)

@@ -50,7 +50,7 @@ from common import (ITEM_NAMES, EarlyStopping, ItemTokens, Stopwatch, UserError,
                     expected_at_random, fill_scale_defaults, fit_batch_size, item_names, load_dataset, load_llm,
                     load_teacher_and_student, longest, pick_device, pick_users, popularity_scores, random_unseen,
                     rank_systems, ranking_cases, right_padded, run_main, run_seeds, sasrec_states, save_atomic,
-                    save_checkpoint, scaled, scoring_batch, seed_everything, set_rng_state, shuffled_batches,
+                    save_checkpoint, scaled, seed_everything, set_rng_state, shuffled_batches,
                     stage_dir, train_prefixes)
 
 KS = (1, 5, 10)
@@ -369,6 +369,12 @@ def stage2_samples(seqs, users, prompts, num_items, candidates, prefixes, rng):
             cands = candidate_set(set(seqs[u]), seen[-1], num_items, candidates, rng)
             recs.append((prompts.ranking(seen[:-1], cands), prompts.name_ids(seen[-1])))
     return recs
+
+
+def scoring_batch(args, device):
+    """Prompts per step when candidates are scored: on a GPU 4 x --batch-size (no gradients), every candidate's
+    prompt whole; on a CPU 0, meaning case by case, a prompt's cache shared by its candidates."""
+    return 4 * args.batch_size if device.type == "cuda" else 0
 
 
 def model_scores(model, prompts, cases, device, batch_size):
