@@ -57,8 +57,9 @@ KS = (1, 5, 10)
 
 
 class Prompts:
-    """Token ids of the three DELRec prompts. Items are named (`names`) by title ('title'), as 'item <id>' ('id'),
-    or by their own token ('token': common.ItemTokens, which must have added the tokens to the tokenizer)."""
+    """The three DELRec prompts, as text (`ids` tokenizes them). Items are named (`names`) by title ('title'), as
+    'item <id>' ('id'), or by their own token ('token': common.ItemTokens, which must have added the tokens to the
+    tokenizer)."""
 
     def __init__(self, tokenizer, titles, max_history, names="title"):
         self.tok, self.titles, self.max_history, self.names = tokenizer, titles or [], max_history, names
@@ -81,9 +82,14 @@ class Prompts:
             self.cache[item] = self.tok(" " + self.name(item), add_special_tokens=False).input_ids
         return self.cache[item]
 
+    def ids(self, texts):
+        """Token ids of a prompt, or of a list of prompts in one call: the tokenizer then spreads them over the
+        CPU's cores, where one call each cost a GPU run a minute on Beauty."""
+        return self.tok(texts, add_special_tokens=False).input_ids
+
     def text(self, history, tail):
         items = "; ".join(self.name(i) for i in history[-self.max_history:])
-        return self.tok(f"A user's items, oldest first: {items}. {tail}", add_special_tokens=False).input_ids
+        return f"A user's items, oldest first: {items}. {tail}"
 
     def temporal(self, history, after_gap):
         return self.text(history, f"Then one item is missing, and after it came: {self.name(after_gap)}. "
@@ -346,29 +352,35 @@ def parse_args():
 
 def stage1_samples(seqs, users, prompts, teacher, num_items, candidates, prefixes, rng):
     """Temporal Analysis (name the item in a gap) and Recommendation Pattern Simulating (name the teacher's
-    top-1 among its top-10 and random unseen items), one of each per training prefix."""
-    temporal, simulated = [], []
+    top-1 among its top-10 and random unseen items), one of each per training prefix: (prompt ids, name ids)."""
+    temporal, simulated, gaps, tops = [], [], [], []
     cuts = [(u, seen) for u in users for seen in train_prefixes(seqs[u], prefixes, shortest=3)]
     table = teacher.item_table().detach()
-    for (u, seen), state in zip(cuts, sasrec_states(teacher, [seen for _, seen in cuts])):
-        temporal.append((prompts.temporal(seen[:-2], seen[-1]), prompts.name_ids(seen[-2])))
-        scores = table @ state
-        scores[0] = float("-inf")
-        top = scores.topk(10).indices.tolist()  # the teacher's top-10; its top-1 is the answer
+    top10 = []  # the teacher's top-10 after each cut (its top-1 is the answer), scored 1,024 cuts at a time
+    for states in sasrec_states(teacher, [seen for _, seen in cuts]).split(1024):
+        scores = states @ table.T
+        scores[:, 0] = float("-inf")  # padding
+        top10 += scores.topk(10).indices.tolist()
+    for (u, seen), top in zip(cuts, top10):
+        temporal.append(prompts.temporal(seen[:-2], seen[-1]))
+        gaps.append(seen[-2])
         cands = top + random_unseen(set(top) | set(seqs[u]), candidates - 10, num_items, rng)
         rng.shuffle(cands)
-        simulated.append((prompts.ranking(seen, cands, "The sequential model recommends"), prompts.name_ids(top[0])))
-    return temporal, simulated
+        simulated.append(prompts.ranking(seen, cands, "The sequential model recommends"))
+        tops.append(top[0])
+    return ([(ids, prompts.name_ids(item)) for ids, item in zip(prompts.ids(temporal), gaps)],
+            [(ids, prompts.name_ids(item)) for ids, item in zip(prompts.ids(simulated), tops)])
 
 
 def stage2_samples(seqs, users, prompts, num_items, candidates, prefixes, rng):
-    """Name the last item of each training prefix among `candidates` items."""
-    recs = []
+    """Name the last item of each training prefix among `candidates` items: (prompt ids, name ids)."""
+    texts, answers = [], []
     for u in users:
         for seen in train_prefixes(seqs[u], prefixes, shortest=2):
             cands = candidate_set(set(seqs[u]), seen[-1], num_items, candidates, rng)
-            recs.append((prompts.ranking(seen[:-1], cands), prompts.name_ids(seen[-1])))
-    return recs
+            texts.append(prompts.ranking(seen[:-1], cands))
+            answers.append(seen[-1])
+    return [(ids, prompts.name_ids(item)) for ids, item in zip(prompts.ids(texts), answers)]
 
 
 def scoring_batch(args, device):
@@ -382,7 +394,7 @@ def model_scores(model, prompts, cases, device, batch_size):
     tokens): one pass per prompt and that shared part scores all its candidates (SoftPromptLM.next_token_scores).
     Other names: on a CPU (`batch_size` 0) case by case, each prompt's cache shared by its candidates (the least
     arithmetic); on a GPU all cases in large batches (SoftPromptLM.batched_scores)."""
-    ranking = [prompts.ranking(history, cands) for _, history, _, cands in cases]  # each case's prompt, once
+    ranking = prompts.ids([prompts.ranking(history, cands) for _, history, _, cands in cases])  # each case's, once
     names = [[prompts.name_ids(c) for c in case[3]] for case in cases]
     shared = names[0][0][:-1]
     if all(name[:-1] == shared for case in names for name in case):

@@ -38,8 +38,8 @@ def test_stage1_trains_the_soft_prompt_and_leaves_the_llm_frozen(tiny):
     model = delrec.SoftPromptLM(llm, 4)
     before = {k: v.clone() for k, v in llm.state_dict().items()}
     soft = model.soft.detach().clone()
-    samples = [(prompts.temporal([1, 2, 3], 5), prompts.name_ids(4)),
-               (prompts.ranking([1, 2], list(range(10, 30))), prompts.name_ids(12))]
+    samples = [(prompts.ids(prompts.temporal([1, 2, 3], 5)), prompts.name_ids(4)),
+               (prompts.ids(prompts.ranking([1, 2], list(range(10, 30)))), prompts.name_ids(12))]
     first = model.target_nll(samples, torch.device("cpu")).item()
     opt = torch.optim.AdamW([model.soft], lr=1e-2)
     delrec.train_epoch(model, opt, [[samples[:1], samples[1:]]] * 20, torch.device("cpu"), "t")
@@ -56,7 +56,7 @@ def test_stage2_adalora_trains(tiny_llm, tiny):
     model.soft.requires_grad_(False)
     params, _ = delrec.add_adalora(model, total_step=10)
     before = [p.detach().clone() for p in params]
-    samples = [(prompts.ranking([1, 2], list(range(10, 30))), prompts.name_ids(12))]
+    samples = [(prompts.ids(prompts.ranking([1, 2], list(range(10, 30)))), prompts.name_ids(12))]
     first = model.target_nll(samples, torch.device("cpu")).item()
     delrec.train_epoch(model, torch.optim.AdamW(params, lr=1e-2), [[samples]] * 10, torch.device("cpu"), "t",
                        step_hook=lambda step: model.llm.base_model.update_and_allocate(step))
@@ -69,8 +69,8 @@ def test_an_epoch_reports_the_mean_of_its_step_losses(tiny):
     llm, prompts = tiny
     torch.manual_seed(0)
     model, cpu = delrec.SoftPromptLM(llm, 4), torch.device("cpu")
-    first = [(prompts.temporal([1, 2, 3], 5), prompts.name_ids(4))]
-    second = [(prompts.ranking([1, 2], list(range(10, 30))), prompts.name_ids(12))]
+    first = [(prompts.ids(prompts.temporal([1, 2, 3], 5)), prompts.name_ids(4))]
+    second = [(prompts.ids(prompts.ranking([1, 2], list(range(10, 30)))), prompts.name_ids(12))]
     step_losses = [model.target_nll(batch, cpu).item() for batch in (first, second)]
     frozen = torch.optim.AdamW([model.soft], lr=0.0)  # the steps change nothing: each loss is the one above
     loss = delrec.train_epoch(model, frozen, [[first], [second]], cpu, "t")
@@ -104,7 +104,7 @@ def test_stage2_penalty_is_the_one_adalora_adds_to_a_loss_its_forward_computes(t
 def test_scores_cover_every_candidate_and_match_a_full_forward(tiny):
     llm, prompts = tiny
     model = delrec.SoftPromptLM(llm, 3).eval()
-    prompt, names = prompts.ranking([1, 2, 3], [7, 8, 9]), [prompts.name_ids(c) for c in (7, 8, 9, 123)]
+    prompt, names = prompts.ids(prompts.ranking([1, 2, 3], [7, 8, 9])), [prompts.name_ids(c) for c in (7, 8, 9, 123)]
     scores = model.score(prompt, names, torch.device("cpu"))
     assert scores.shape == (4,) and torch.isfinite(scores).all()
     # the cached pass equals a plain forward over prompt + name: the log-likelihood of the whole name, the sum of
@@ -114,7 +114,7 @@ def test_scores_cover_every_candidate_and_match_a_full_forward(tiny):
             nll = model.target_nll([(prompt, name)], torch.device("cpu")).item() * len(name)
             assert -score.item() == pytest.approx(nll, rel=1e-4)
     # the GPU route: every (prompt, name) pair in padded batches, prompts of different lengths mixed
-    other = prompts.ranking([4, 5], [7, 8])
+    other = prompts.ids(prompts.ranking([4, 5], [7, 8]))
     pairs = [(prompt, name) for name in names] + [(other, name) for name in names[:2]]
     batched = model.batched_scores(pairs, torch.device("cpu"), batch_size=4)
     expected = torch.cat([scores, model.score(other, names[:2], torch.device("cpu"))])
@@ -198,7 +198,7 @@ def test_item_tokens_learn_in_stage1_and_score_alike_on_every_route(tokens):
     llm, prompts, items, _ = tokens
     model, cpu = delrec.SoftPromptLM(llm, 3, items), torch.device("cpu")
     before, rows = {k: v.clone() for k, v in llm.state_dict().items()}, items.emb.weight.detach().clone()
-    samples = [(prompts.ranking([1, 2, 3], list(range(10, 30))), prompts.name_ids(12))]
+    samples = [(prompts.ids(prompts.ranking([1, 2, 3], list(range(10, 30)))), prompts.name_ids(12))]
     first = model.target_nll(samples, cpu).item()
     opt = torch.optim.AdamW([model.soft, *model.item_params()], lr=1e-2)
     delrec.train_epoch(model, opt, [[samples]] * 10, cpu, "t")
@@ -209,7 +209,7 @@ def test_item_tokens_learn_in_stage1_and_score_alike_on_every_route(tokens):
     model.eval()
     together, alone = (delrec.model_scores(model, prompts, cases, cpu, size) for size in (7, 0))  # padded, or not
     for case, one_pass, unpadded in zip(cases, together, alone):
-        prompt, names = prompts.ranking(case[1], case[3]), [prompts.name_ids(c) for c in case[3]]
+        prompt, names = prompts.ids(prompts.ranking(case[1], case[3])), [prompts.name_ids(c) for c in case[3]]
         per_name = model.batched_scores([(prompt, name) for name in names], cpu, 4)  # a sequence per candidate
         assert one_pass.shape == (11,) and torch.allclose(one_pass, unpadded, atol=1e-4)
         for other in (model.score(prompt, names, cpu), per_name):  # plus the shared space's log-probability
