@@ -122,21 +122,25 @@ class Texts:
         return self.chat(f"What a user liked so far: {summary}\nThen the user interacted with, oldest first: "
                          f"{self.items(block)}. Update the description of what this user likes in one sentence.")
 
-    def user_ids(self, summary, recent):
-        """The recommender prompt up to the candidate (token ids): the same for all of a user's candidates."""
-        return self.tok(self.head + f"What the user likes: {summary}\nThe user's most recent items, oldest first: "
-                        f"{self.items(recent, self.rec_item)}.\n", add_special_tokens=False).input_ids
+    def user(self, summary, recent):
+        """The recommender prompt up to the candidate: the same for all of a user's candidates."""
+        return self.head + (f"What the user likes: {summary}\nThe user's most recent items, oldest first: "
+                            f"{self.items(recent, self.rec_item)}.\n")
+
+    def ids(self, texts):
+        """Token ids of a prompt, or of a list of prompts in one call: the tokenizer spreads a list over the CPU's
+        cores."""
+        return self.tok(texts, add_special_tokens=False).input_ids
 
     def candidate_ids(self, candidate):
         """The rest of the recommender prompt (token ids): the candidate and the question."""
         if candidate not in self.candidate_cache:
-            self.candidate_cache[candidate] = self.tok(
-                f"Candidate: {self.rec_item(candidate)}. Will the user interact with the candidate next? "
-                f"Answer Yes or No." + self.tail, add_special_tokens=False).input_ids
+            self.candidate_cache[candidate] = self.ids(f"Candidate: {self.rec_item(candidate)}. Will the user interact "
+                                                       f"with the candidate next? Answer Yes or No.{self.tail}")
         return self.candidate_cache[candidate]
 
     def answer_ids(self):
-        yes, no = (self.tok(a, add_special_tokens=False).input_ids[0] for a in self.answers)
+        yes, no = (ids[0] for ids in self.ids(list(self.answers)))
         if yes == no:
             raise UserError("the LLM's tokenizer gives 'Yes' and 'No' the same first token: use another --llm")
         return yes, no
@@ -410,10 +414,15 @@ def llm_scores(llm, texts, answers, cases, summaries, args, device, items=None):
     """P(Yes) of every candidate of every case (one tensor per case), a case's prompt and all its candidates in one
     row, --batch-size rows a step: as many as a training step's cuts, but with no gradients to keep, so rows of 21
     candidates fit where cuts of two do."""
-    prefixes = [texts.user_ids(summary, history[-args.recent:])
-                for (_, history, _, _), summary in zip(cases, summaries)]
     candidates = [[texts.candidate_ids(c) for c in case[3]] for case in cases]
-    return yes_probabilities(llm, prefixes, candidates, list(answers.values()), device, args.batch_size, items)
+    return yes_probabilities(llm, user_prefixes(texts, cases, summaries, args.recent), candidates,
+                             list(answers.values()), device, args.batch_size, items)
+
+
+def user_prefixes(texts, cases, summaries, recent):
+    """Token ids of each case's (or training cut's) recommender prompt up to the candidate: its summary and its
+    `recent` last items, all in one tokenizer call."""
+    return texts.ids([texts.user(summary, history[-recent:]) for (_, history, _, _), summary in zip(cases, summaries)])
 
 
 def run_seed(seed, args, data, device, references, progress):
@@ -452,8 +461,8 @@ def run_seed(seed, args, data, device, references, progress):
           f"cache; a test user's: {test_summaries[0]!r}")
 
     # 2. LoRA fine-tuning to answer Yes for the next item, No for a random unseen one
-    samples = [(texts.user_ids(summary, history[-args.recent:]), [texts.candidate_ids(i) for i in (nxt, unseen)])
-               for (_, history, nxt, unseen), summary in zip(cuts, train_summaries)]
+    samples = [(prefix, [texts.candidate_ids(nxt), texts.candidate_ids(unseen)])
+               for prefix, (_, _, nxt, unseen) in zip(user_prefixes(texts, cuts, train_summaries, args.recent), cuts)]
     llm, params = add_lora(llm)
     params += [] if items is None else [items.emb.weight]
     if args.compile:

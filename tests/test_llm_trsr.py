@@ -137,7 +137,7 @@ def test_shared_rows_score_what_whole_prompts_do(tiny, titles):
     candidate's logits equal the LLM's own forward over its whole prompt, batched in rows or not."""
     llm, texts = tiny
     texts = texts if titles else llm_trsr.Texts(texts.tok, None, None)
-    prefixes = [texts.user_ids("likes dramas", [1, 2, 3]), texts.user_ids("a user who likes long war films", [9])]
+    prefixes = texts.ids([texts.user("likes dramas", [1, 2, 3]), texts.user("a user who likes long war films", [9])])
     candidates = [[texts.candidate_ids(c) for c in (4, 5, 17, 30)], [texts.candidate_ids(c) for c in (6, 7)]]
     with torch.no_grad():
         got = llm_trsr.answer_logits(llm, prefixes, candidates, torch.device("cpu"))
@@ -153,8 +153,8 @@ def test_shared_rows_score_what_whole_prompts_do(tiny, titles):
 def test_training_loss_is_yes_after_the_next_item_and_no_after_the_unseen_one(tiny):
     llm, texts = tiny
     answers = dict(zip(("Yes", "No"), texts.answer_ids()))
-    batch = [(texts.user_ids("likes dramas", [1, 2]), [texts.candidate_ids(3), texts.candidate_ids(30)]),
-             (texts.user_ids("likes comedies", [4]), [texts.candidate_ids(5), texts.candidate_ids(31)])]
+    batch = [(texts.ids(texts.user("likes dramas", [1, 2])), [texts.candidate_ids(3), texts.candidate_ids(30)]),
+             (texts.ids(texts.user("likes comedies", [4])), [texts.candidate_ids(5), texts.candidate_ids(31)])]
     with torch.no_grad():
         logits = torch.cat([llm(torch.tensor([p + c])).logits[0, -1:] for p, cs in batch for c in cs])
         want = torch.nn.functional.cross_entropy(logits, torch.tensor([answers["Yes"], answers["No"]] * 2))
@@ -179,7 +179,7 @@ def test_item_tokens_name_items_to_the_recommender_and_learn_with_the_lora(tiny_
     items = ItemTokens(tokenizer, 40, llm.get_input_embeddings().weight)
     texts = llm_trsr.Texts(tokenizer, [""] + [f"Film {i}" for i in range(1, 41)], None, tokens=True)
     answers = dict(zip(("Yes", "No"), texts.answer_ids()))
-    prefix = texts.user_ids("likes dramas", [1, 3, 5])
+    prefix = texts.ids(texts.user("likes dramas", [1, 3, 5]))
     assert {items.first, items.first + 2, items.first + 4} <= set(prefix)  # the recommender reads tokens
     assert "Film 7" in texts.block([7]) and "<item_" not in texts.block([7])  # the summariser reads titles
     candidates = [[texts.candidate_ids(c) for c in (7, 8)]]
@@ -207,8 +207,8 @@ def test_lora_learns_to_answer(tiny_llm, tiny, tmp_path):
     torch.manual_seed(0)
     llm, params = llm_trsr.add_lora(AutoModelForCausalLM.from_pretrained(tiny_llm).requires_grad_(False))
     answers = dict(zip(("Yes", "No"), texts.answer_ids()))
-    samples = [(texts.user_ids("likes dramas", [1, 3, 5]), [texts.candidate_ids(7), texts.candidate_ids(8)]),
-               (texts.user_ids("likes comedies", [2, 4]), [texts.candidate_ids(6), texts.candidate_ids(9)])]
+    samples = [(texts.ids(texts.user("likes dramas", [1, 3, 5])), [texts.candidate_ids(7), texts.candidate_ids(8)]),
+               (texts.ids(texts.user("likes comedies", [2, 4])), [texts.candidate_ids(6), texts.candidate_ids(9)])]
 
     def p_yes():
         return torch.stack(llm_trsr.yes_probabilities(llm, [p for p, _ in samples], [c for _, c in samples],
