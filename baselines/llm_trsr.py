@@ -84,7 +84,7 @@ class Texts:
 
     def __init__(self, tokenizer, titles, genres, tokens=False):
         self.tok, self.titles, self.genres, self.tokens = tokenizer, titles, genres, tokens
-        self.candidate_cache = {}  # candidate_ids per item: a full test asks for each item thousands of times
+        self.candidate_cache = {}  # candidate_ids per item: a full test on Beauty asks for each about 39 times
         if tokenizer.chat_template:
             chat = tokenizer.apply_chat_template([{"role": "user", "content": SLOT}], tokenize=False,
                                                  add_generation_prompt=True)
