@@ -34,10 +34,10 @@ teacher and the P2Rec student scored on the same candidates, beside popularity a
 
 Two scales (--scale): on a CPU, small defaults (200 training users and their last training item, one epoch, 200
 test users) keep the tests and a smoke run quick; on a GPU, full ones: every user and the last 20 prefixes of its
-train split, 64 of them a step (128 prompts; halved until a step fits the GPU's free memory), the LoRA stopping once
-validation MRR@10 (500 users' second last items) has not improved for 3 epochs, keeping its best epoch, and
-every user tested. --seeds 42 43 44 reports mean ± std. Interrupted? The same command resumes: summaries come
-from their cache, finished seeds are kept, the LoRA resumes from its last whole epoch
+train split, 256 of them a step (512 prompts) at lr 2e-3 (halved until a step fits the GPU's free memory), the
+LoRA stopping once validation MRR@10 (500 users' second last items) has not improved for 3 epochs, keeping its
+best epoch, and every user tested. --seeds 42 43 44 reports mean ± std. Interrupted? The same command resumes:
+summaries come from their cache, finished seeds are kept, the LoRA resumes from its last whole epoch
 (out/<dataset>/llm_trsr_<paradigm>.ckpt.pt).
 """
 import argparse
