@@ -84,7 +84,7 @@ class Prompts:
 
     def ids(self, texts):
         """Token ids of a prompt, or of a list of prompts in one call: the tokenizer then spreads them over the
-        CPU's cores, where one call each cost a GPU run a minute on Beauty."""
+        CPU's cores (one call a prompt was over half the time of building Beauty's training samples)."""
         return self.tok(texts, add_special_tokens=False).input_ids
 
     def text(self, history, tail):
@@ -353,7 +353,7 @@ def parse_args():
 def stage1_samples(seqs, users, prompts, teacher, num_items, candidates, prefixes, rng):
     """Temporal Analysis (name the item in a gap) and Recommendation Pattern Simulating (name the teacher's
     top-1 among its top-10 and random unseen items), one of each per training prefix: (prompt ids, name ids)."""
-    temporal, simulated, gaps, tops = [], [], [], []
+    temporal, simulated, gaps = [], [], []
     cuts = [(u, seen) for u in users for seen in train_prefixes(seqs[u], prefixes, shortest=3)]
     table = teacher.item_table().detach()
     top10 = []  # the teacher's top-10 after each cut (its top-1 is the answer), scored 1,024 cuts at a time
@@ -367,9 +367,8 @@ def stage1_samples(seqs, users, prompts, teacher, num_items, candidates, prefixe
         cands = top + random_unseen(set(top) | set(seqs[u]), candidates - 10, num_items, rng)
         rng.shuffle(cands)
         simulated.append(prompts.ranking(seen, cands, "The sequential model recommends"))
-        tops.append(top[0])
     return ([(ids, prompts.name_ids(item)) for ids, item in zip(prompts.ids(temporal), gaps)],
-            [(ids, prompts.name_ids(item)) for ids, item in zip(prompts.ids(simulated), tops)])
+            [(ids, prompts.name_ids(top[0])) for ids, top in zip(prompts.ids(simulated), top10)])
 
 
 def stage2_samples(seqs, users, prompts, num_items, candidates, prefixes, rng):
