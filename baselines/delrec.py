@@ -79,7 +79,7 @@ class Prompts:
 
     def name_ids(self, item):
         if item not in self.cache:
-            self.cache[item] = self.tok(" " + self.name(item), add_special_tokens=False).input_ids
+            self.cache[item] = self.ids(" " + self.name(item))
         return self.cache[item]
 
     def ids(self, texts):
@@ -353,7 +353,6 @@ def parse_args():
 def stage1_samples(seqs, users, prompts, teacher, num_items, candidates, prefixes, rng):
     """Temporal Analysis (name the item in a gap) and Recommendation Pattern Simulating (name the teacher's
     top-1 among its top-10 and random unseen items), one of each per training prefix: (prompt ids, name ids)."""
-    temporal, simulated, gaps = [], [], []
     cuts = [(u, seen) for u in users for seen in train_prefixes(seqs[u], prefixes, shortest=3)]
     table = teacher.item_table().detach()
     top10 = []  # the teacher's top-10 after each cut (its top-1 is the answer), scored 1,024 cuts at a time
@@ -361,13 +360,13 @@ def stage1_samples(seqs, users, prompts, teacher, num_items, candidates, prefixe
         scores = states @ table.T
         scores[:, 0] = float("-inf")  # padding
         top10 += scores.topk(10).indices.tolist()
+    simulated = []
     for (u, seen), top in zip(cuts, top10):
-        temporal.append(prompts.temporal(seen[:-2], seen[-1]))
-        gaps.append(seen[-2])
         cands = top + random_unseen(set(top) | set(seqs[u]), candidates - 10, num_items, rng)
         rng.shuffle(cands)
         simulated.append(prompts.ranking(seen, cands, "The sequential model recommends"))
-    return ([(ids, prompts.name_ids(item)) for ids, item in zip(prompts.ids(temporal), gaps)],
+    temporal = prompts.ids([prompts.temporal(seen[:-2], seen[-1]) for _, seen in cuts])
+    return ([(ids, prompts.name_ids(seen[-2])) for ids, (_, seen) in zip(temporal, cuts)],
             [(ids, prompts.name_ids(top[0])) for ids, top in zip(prompts.ids(simulated), top10)])
 
 

@@ -177,7 +177,7 @@ class Summarizer:
     def generate(self, prompts):
         """Greedy continuations of a batch of prompts, left-padded so that all of them end at the last column."""
         tok = self.texts.tok
-        ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+        ids = self.texts.ids(prompts)
         width = max(map(len, ids))
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         batch = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=self.device)
