@@ -82,16 +82,25 @@ class Texts:
     by title (with genres) or 'item <id>'; the recommender's prompts by the same, or with `tokens` by their own token
     (common.ItemTokens must have added the tokens to the tokenizer)."""
 
-    def __init__(self, tokenizer, titles, genres, tokens=False):
+    def __init__(self, tokenizer, titles, genres, tokens=False, system=None):
         self.tok, self.titles, self.genres, self.tokens = tokenizer, titles, genres, tokens
         self.candidate_cache = {}  # candidate_ids per item: a full test on Beauty asks for each about 39 times
         if tokenizer.chat_template:
-            chat = tokenizer.apply_chat_template([{"role": "user", "content": SLOT}], tokenize=False,
-                                                 add_generation_prompt=True)
+            # no system turn: the template's own, if it has one (SmolLM2's names the model, and its summaries
+            # then often speak of SmolLM)
+            turns = [{"role": "system", "content": system}] if system else []
+            try:
+                chat = tokenizer.apply_chat_template(turns + [{"role": "user", "content": SLOT}], tokenize=False,
+                                                     add_generation_prompt=True)
+            except Exception as error:  # jinja's TemplateError, raised by templates that refuse a system turn
+                if not system:
+                    raise
+                raise UserError(f"--system: this LLM's chat template takes no system turn ({error}): leave "
+                                f"--system out") from None
             self.head, self.tail = chat.split(SLOT)
             self.answers = ("Yes", "No")  # the assistant's turn starts on a new line
         else:
-            self.head, self.tail = "", "\nAnswer:"
+            self.head, self.tail = f"{system}\n" if system else "", "\nAnswer:"
             self.answers = (" Yes", " No")
 
     def item(self, item):
@@ -389,6 +398,9 @@ def parse_args():
     parser.add_argument("--item-names", choices=ITEM_NAMES, help="how the recommender's prompts name items: by title "
                         "(the default where the data has titles), 'item <id>', or one new token each, learned with "
                         "the LoRA (the default otherwise; summaries then still name items by title or ID)")
+    parser.add_argument("--system", help="system turn of every prompt, e.g. \"You describe in one sentence what a "
+                        "user likes from the items they interacted with.\" (default: none, so the chat template's "
+                        "own, if it has one: SmolLM2's names the model, and many of its summaries speak of SmolLM)")
     parser.add_argument("--candidates", type=int, default=21, help="items ranked per test user (the paper: 21)")
     parser.add_argument("--test-users", type=int, help=scaled(SCALES, "test_users", "users scored (0: all)"))
     parser.add_argument("--epochs", type=int, help=scaled(SCALES, "epochs", "epoch ceiling of the LoRA, which stops "
@@ -441,7 +453,7 @@ def run_seed(seed, args, data, device, references, progress):
     llm, tokenizer = load_llm(args.llm, device, lm_head=True)
     llm = llm.to(matmul_dtype(device)).requires_grad_(False).eval()
     titles = data["item_titles"] if args.item_names != "id" else None  # token names: summaries still read titles
-    texts = Texts(tokenizer, titles, data["item_groups"] if titles else None, args.item_names == "token")
+    texts = Texts(tokenizer, titles, data["item_groups"] if titles else None, args.item_names == "token", args.system)
     items = None
     if args.item_names == "token":
         items = ItemTokens(tokenizer, num_items, llm.get_input_embeddings().weight).to(device)

@@ -57,8 +57,9 @@ def wall_time(result):
 
 
 def settings(run):
-    """What a run's candidates and training depend on, its seeds and where it ran aside."""
-    return {k: v for k, v in run["args"].items() if k not in ("seeds", "out", "device", "force")}
+    """What a run's candidates and training depend on, its seeds and where it ran aside. Options left unset (None)
+    are left out, so that a run from before an option existed pools with one that leaves it unset."""
+    return {k: v for k, v in run["args"].items() if k not in ("seeds", "out", "device", "force") and v is not None}
 
 
 def systems(run):

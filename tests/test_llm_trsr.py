@@ -1,3 +1,4 @@
+import copy
 import json
 import random
 import sys
@@ -11,7 +12,7 @@ from conftest import (ROOT, baseline_whole_and_resumed, batch_on_a_gpu_that_fits
 
 sys.path.insert(0, ROOT + "/baselines")
 import llm_trsr  # noqa: E402
-from common import ItemTokens, candidate_rank, expected_at_random, ranking_cases  # noqa: E402
+from common import ItemTokens, UserError, candidate_rank, expected_at_random, ranking_cases  # noqa: E402
 
 ARGS = ["--train-users", 30, "--test-users", 20, "--summary-tokens", 4, "--generate-batch", 16, "--lr", 1e-2]
 
@@ -52,6 +53,31 @@ def test_items_are_named_by_title_and_genres(tiny):
     _, texts = tiny
     assert texts.item(1) == "Film 1 (Drama)" and texts.item(2) == "Film 2 (Comedy, War)"
     assert "item 7" in llm_trsr.Texts(texts.tok, None, None).block([7])
+
+
+# like SmolLM2's: a default system turn that names the model when the prompt brings none
+CHAT = ("{% if messages[0].role != 'system' %}<|system|>I am TinyLM\n{% endif %}{% for m in messages %}"
+        "<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def test_system_turn_replaces_the_templates_own_in_every_prompt(tiny):
+    _, texts = tiny
+    tok = copy.deepcopy(texts.tok)
+    tok.chat_template = CHAT
+    default, system = llm_trsr.Texts(tok, None, None), llm_trsr.Texts(tok, None, None, system="Describe tastes.")
+    assert default.block([7]).startswith("<|system|>I am TinyLM\n<|user|>Items")
+    assert system.block([7]).startswith("<|system|>Describe tastes.\n<|user|>Items")
+    assert "TinyLM" not in system.merge(["a", "b"]) + system.update("a", [7]) + system.user("a", [7])
+    plain = llm_trsr.Texts(texts.tok, None, None, system="Describe tastes.")  # no chat template
+    assert plain.block([7]).startswith("Describe tastes.\nItems")
+
+
+def test_a_template_without_system_turns_is_one_error_line(tiny):
+    tok = copy.deepcopy(tiny[1].tok)
+    tok.chat_template = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}"
+                         "{% endif %}{{ m.content }}{% endfor %}")
+    with pytest.raises(UserError, match="takes no system turn .*no system role.*leave --system out"):
+        llm_trsr.Texts(tok, None, None, system="Describe tastes.")
 
 
 def test_hierarchical_summarises_each_block_then_merges_them(tiny, tmp_path):

@@ -84,6 +84,14 @@ def test_runs_with_other_settings_stay_apart_and_say_how_they_differ(tmp_path):
     assert "| DELRec (--prefixes 5) |" in printed and "| DELRec (--prefixes 20) |" in printed
 
 
+def test_a_run_from_before_an_option_existed_pools_with_one_that_leaves_it_unset(tmp_path):
+    older = seeds_json(tmp_path / "older.json", {1: {"popularity": 0.7, "DELRec": 0.8}})
+    unset = seeds_json(tmp_path / "unset.json", {2: {"popularity": 0.7, "DELRec": 0.8}}, system=None)
+    chosen = seeds_json(tmp_path / "chosen.json", {3: {"popularity": 0.7, "DELRec": 0.8}}, system="Describe tastes.")
+    printed = run_stage("baselines/table.py", "--runs", older, unset, chosen).stdout
+    assert "seeds 1 2 (mean ± std)" in printed and "seeds 3 (mean ± std)" in printed
+
+
 @pytest.mark.parametrize("case, words", [("missing", "does not exist"), ("not metrics", "is not a baseline's metrics"),
                                          ("seed twice", "seed 1 of DELRec is in both")])
 def test_bad_runs_are_one_error_line(tmp_path, case, words):
