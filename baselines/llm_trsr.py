@@ -398,9 +398,10 @@ def parse_args():
     parser.add_argument("--item-names", choices=ITEM_NAMES, help="how the recommender's prompts name items: by title "
                         "(the default where the data has titles), 'item <id>', or one new token each, learned with "
                         "the LoRA (the default otherwise; summaries then still name items by title or ID)")
-    parser.add_argument("--system", help="system turn of every prompt, e.g. \"You describe in one sentence what a "
-                        "user likes from the items they interacted with.\" (default: none, so the chat template's "
-                        "own, if it has one: SmolLM2's names the model, and many of its summaries speak of SmolLM)")
+    parser.add_argument("--system", help="system turn of every prompt, e.g. \"You are a recommender system's "
+                        "assistant. Given the items a user interacted with, you describe in one sentence what the user "
+                        "likes.\" (default: none, so the chat template's own, if it has one: SmolLM2's names the "
+                        "model, and many of its summaries speak of SmolLM)")
     parser.add_argument("--candidates", type=int, default=21, help="items ranked per test user (the paper: 21)")
     parser.add_argument("--test-users", type=int, help=scaled(SCALES, "test_users", "users scored (0: all)"))
     parser.add_argument("--epochs", type=int, help=scaled(SCALES, "epochs", "epoch ceiling of the LoRA, which stops "
