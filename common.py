@@ -1087,7 +1087,7 @@ def ranking_cases(seqs, users, num_items, size, rng, split):
     return cases
 
 
-ITEM_NAMES = ("title", "id", "token")  # how the baselines' prompts name items (--item-names)
+ITEM_NAMES = ("title", "id", "token", "teacher-token")  # how the baselines' prompts name items (--item-names)
 
 
 def item_names(args, data):
@@ -1102,16 +1102,33 @@ def item_names(args, data):
 class ItemTokens(nn.Module):
     """Items named by one new token each ('<item_7>'; --item-names token): the tokens are added to `tokenizer`, as
     ids `first`, `first` + 1, ..., and each has a trainable embedding, learned from scratch (the LLM knows nothing
-    of 'item 4821' either; a token gives each item a row of its own to learn). `embed` puts it where the item's id
-    stands in the input; `logits` uses it as the item's output row too, as an LLM with tied embeddings does."""
+    of 'item 4821' either; a token gives each item a row of its own to learn), or with `teacher_table` (the
+    SASRec teacher's item table; --item-names teacher-token) started from the teacher's. `embed` puts it where the
+    item's id stands in the input; `logits` uses it as the item's output row too, as an LLM with tied embeddings
+    does."""
 
-    def __init__(self, tokenizer, num_items, token_embeddings):
+    def __init__(self, tokenizer, num_items, token_embeddings, teacher_table=None):
         super().__init__()
         tokenizer.add_tokens([self.name(i) for i in range(1, num_items + 1)])
         self.first = tokenizer.convert_tokens_to_ids(self.name(1))
         assert tokenizer.convert_tokens_to_ids(self.name(num_items)) == self.first + num_items - 1
         self.emb = nn.Embedding(num_items + 1, token_embeddings.shape[1])
-        nn.init.normal_(self.emb.weight, std=token_embeddings.float().std().item())  # an ordinary token's scale
+        std = token_embeddings.float().std().item()  # an ordinary token's scale
+        nn.init.normal_(self.emb.weight, std=std)
+        if teacher_table is not None:
+            with torch.no_grad():
+                self.emb.weight[1:] = self.from_teacher(teacher_table[1:].float(), self.emb.weight.shape[1], std)
+
+    @staticmethod
+    def from_teacher(table, width, std):
+        """The teacher's item rows in the LLM's width: each dimension standardised, then a random map with
+        orthonormal columns or rows, which keeps the items' inner products (all of them where the LLM is at least
+        as wide as the teacher), rescaled to an ordinary token's size."""
+        table = (table - table.mean(0)) / (table.std(0) + 1e-6)
+        dim = table.shape[1]
+        q = torch.linalg.qr(torch.randn(max(width, dim), min(width, dim))).Q
+        rows = table @ (q.T if width >= dim else q)
+        return rows * (std / rows.std())
 
     @staticmethod
     def name(item):
@@ -1127,6 +1144,15 @@ class ItemTokens(nn.Module):
         """Next-token logits over the LLM's tokens, then the items': a token id indexes them either way."""
         items = hidden @ self.emb.weight[1:].to(hidden.dtype).T
         return torch.cat([head(hidden)[..., :self.first], items], -1)
+
+
+def item_tokens(names, tokenizer, num_items, llm, teacher):
+    """The ItemTokens that --item-names 'token' or 'teacher-token' asks for (the latter started from `teacher`'s item
+    table), else None."""
+    if not names.endswith("token"):
+        return None
+    table = teacher.item_table().detach().cpu() if names == "teacher-token" else None
+    return ItemTokens(tokenizer, num_items, llm.get_input_embeddings().weight, table)
 
 
 def embed_tokens(llm, ids, items=None):

@@ -22,7 +22,9 @@ candidate gets a score; with item tokens one pass of the prompt scores all its c
 new token each, whose embedding both stages train: the LLM knows nothing of "item 4821" (`--item-names id`), and a
 token gives the item its own row to learn, input and output alike. The paper names items by title (`--item-names
 title`, where the data has titles); validation chose tokens on both bundled datasets (RESULTS.md section 7, rounds
-10 and 11: on ml-100k NDCG@10 0.63 against titles' 0.50).
+10 and 11: on ml-100k NDCG@10 0.63 against titles' 0.50). `--item-names teacher-token` starts each token's row from
+the SASRec teacher's item table (common.ItemTokens), so the LLM begins with what the teacher learned of which
+items go together.
 `--no-stage1` is the paper's ablation: stage 2 with no distilled prompt.
 Two scales (--scale): on a CPU, small defaults (300 training users, their last training item, one epoch per stage)
 keep the tests and a smoke run quick; on a GPU, full ones: every user and the last 20 prefixes of its train split,
@@ -47,19 +49,19 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (ITEM_NAMES, EarlyStopping, ItemTokens, Stopwatch, UserError, add_common_args,  # noqa: E402
                     add_scale_args, candidate_set, check_nonnegative, check_positive, compile_blocks, embed_tokens,
-                    expected_at_random, fill_scale_defaults, fit_batch_size, item_names, load_dataset, load_llm,
-                    load_teacher_and_student, longest, pick_device, pick_users, popularity_scores, random_unseen,
-                    rank_systems, ranking_cases, right_padded, run_main, run_seeds, sasrec_states, save_atomic,
-                    save_checkpoint, scaled, seed_everything, set_rng_state, shuffled_batches,
-                    stage_dir, train_prefixes)
+                    expected_at_random, fill_scale_defaults, fit_batch_size, item_names, item_tokens, load_dataset,
+                    load_llm, load_teacher_and_student, longest, pick_device, pick_users, popularity_scores,
+                    random_unseen, rank_systems, ranking_cases, right_padded, run_main, run_seeds, sasrec_states,
+                    save_atomic, save_checkpoint, scaled, seed_everything, set_rng_state, shuffled_batches, stage_dir,
+                    train_prefixes)
 
 KS = (1, 5, 10)
 
 
 class Prompts:
     """The three DELRec prompts, as text (`ids` tokenizes them). Items are named (`names`) by title ('title'), as
-    'item <id>' ('id'), or by their own token ('token': common.ItemTokens, which must have added the tokens to the
-    tokenizer)."""
+    'item <id>' ('id'), or by their own token ('token' or 'teacher-token': common.ItemTokens, which must have added
+    the tokens to the tokenizer)."""
 
     def __init__(self, tokenizer, titles, max_history, names="title"):
         self.tok, self.titles, self.max_history, self.names = tokenizer, titles or [], max_history, names
@@ -70,7 +72,7 @@ class Prompts:
     def name(self, item):
         """The item's token, or its title (indexed by item ID), or its ID where it has no title or shares it with
         another item."""
-        if self.names == "token":
+        if self.names.endswith("token"):
             return ItemTokens.name(item)
         title = self.titles[item] if self.names == "title" and item < len(self.titles) else ""
         if not title:
@@ -327,8 +329,8 @@ def parse_args():
     parser.add_argument("--candidates", type=int, default=20, help="items ranked per test case")
     parser.add_argument("--max-history", type=int, default=10, help="most recent items in a prompt")
     parser.add_argument("--item-names", choices=ITEM_NAMES, default="token", help="how prompts name items: one new "
-                        "token each, learned with the adapters; by title (the paper's, where the data has titles); or "
-                        "'item <id>'")
+                        "token each, learned with the adapters (teacher-token: started from the SASRec teacher's item "
+                        "table); by title (the paper's, where the data has titles); or 'item <id>'")
     parser.add_argument("--test-users", type=int, default=0, help="users scored (0: all)")
     parser.add_argument("--stage1-epochs", type=int, default=1, help="passes of pattern distillation")
     parser.add_argument("--stage2-epochs", type=int, help=scaled(SCALES, "stage2_epochs", "epoch ceiling of the "
@@ -415,7 +417,7 @@ def run_seed(seed, args, data, device, references, progress):
     llm, tokenizer = load_llm(args.llm, device, lm_head=True)
     llm.requires_grad_(False)
     prompts = Prompts(tokenizer, data["item_titles"], args.max_history, args.item_names)
-    items = ItemTokens(tokenizer, num_items, llm.get_input_embeddings().weight) if args.item_names == "token" else None
+    items = item_tokens(args.item_names, tokenizer, num_items, llm, references["SASRec teacher"])
     model = SoftPromptLM(llm, 0 if args.no_stage1 else args.virtual_tokens, items).to(device)
     users = pick_users(len(seqs), args.train_users, rng)
     resumed = progress["resumed"]

@@ -55,11 +55,11 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (ITEM_NAMES, EarlyStopping, ItemTokens, Stopwatch, UserError, add_common_args,  # noqa: E402
                     add_scale_args, check_nonnegative, check_positive, compile_blocks, embed_tokens,
-                    expected_at_random, fill_scale_defaults, fit_batch_size, item_names, llm_fingerprint,
+                    expected_at_random, fill_scale_defaults, fit_batch_size, item_names, item_tokens, llm_fingerprint,
                     load_dataset, load_llm, load_teacher_and_student, longest, matmul_dtype, pick_device, pick_users,
-                    popularity_scores, random_unseen, rank_systems, ranking_cases, run_main, run_seeds,
-                    save_atomic, save_checkpoint, scaled, seed_everything, set_rng_state,
-                    shuffled_batches, stage_dir, train_prefixes)
+                    popularity_scores, random_unseen, rank_systems, ranking_cases, run_main, run_seeds, save_atomic,
+                    save_checkpoint, scaled, seed_everything, set_rng_state, shuffled_batches, stage_dir,
+                    train_prefixes)
 
 KS = (3, 5, 10)
 PARADIGMS = ("hierarchical", "recurrent")
@@ -397,7 +397,8 @@ def parse_args():
     parser.add_argument("--recent", type=int, default=5, help="most recent items listed beside the summary")
     parser.add_argument("--item-names", choices=ITEM_NAMES, help="how the recommender's prompts name items: by title "
                         "(the default where the data has titles), 'item <id>', or one new token each, learned with "
-                        "the LoRA (the default otherwise; summaries then still name items by title or ID)")
+                        "the LoRA (the default otherwise; teacher-token: started from the SASRec teacher's item table; "
+                        "summaries then still name items by title or ID)")
     parser.add_argument("--system", help="system turn of every prompt, e.g. \"You are a recommender system's "
                         "assistant. Given the items a user interacted with, you describe in one sentence what the user "
                         "likes.\" (default: none, so the chat template's own, if it has one: SmolLM2's names the "
@@ -454,10 +455,11 @@ def run_seed(seed, args, data, device, references, progress):
     llm, tokenizer = load_llm(args.llm, device, lm_head=True)
     llm = llm.to(matmul_dtype(device)).requires_grad_(False).eval()
     titles = data["item_titles"] if args.item_names != "id" else None  # token names: summaries still read titles
-    texts = Texts(tokenizer, titles, data["item_groups"] if titles else None, args.item_names == "token", args.system)
-    items = None
-    if args.item_names == "token":
-        items = ItemTokens(tokenizer, num_items, llm.get_input_embeddings().weight).to(device)
+    texts = Texts(tokenizer, titles, data["item_groups"] if titles else None, args.item_names.endswith("token"),
+                  args.system)
+    items = item_tokens(args.item_names, tokenizer, num_items, llm, references["SASRec teacher"])
+    if items is not None:
+        items.to(device)
     answers = dict(zip(("Yes", "No"), texts.answer_ids()))
 
     # 1. summaries of every history the recommender reads (a training cut's: the items before its prefix's last)

@@ -1,4 +1,5 @@
 import json
+import math
 import random
 import sys
 
@@ -10,7 +11,7 @@ from conftest import (ROOT, baseline_whole_and_resumed, batch_on_a_gpu_that_fits
 
 sys.path.insert(0, ROOT + "/baselines")
 import delrec  # noqa: E402
-from common import ItemTokens, candidate_set, ranking_cases  # noqa: E402
+from common import ItemEmbedding, ItemTokens, SASRec, candidate_set, item_tokens, ranking_cases  # noqa: E402
 
 ARGS = ["--train-users", 40, "--virtual-tokens", 4, "--batch-size", 8, "--lr", 1e-2]
 
@@ -194,6 +195,24 @@ def test_item_tokens_are_rows_of_their_own_in_and_out(tokens):
     assert torch.allclose(logits[:, :vocab], llm.get_output_embeddings()(hidden))
 
 
+@pytest.mark.parametrize("teacher_dim", [16, 64])  # narrower and wider than the tiny LLM (32)
+def test_teacher_tokens_start_from_the_teachers_item_table(tiny_llm, teacher_dim):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llm)
+    torch.manual_seed(0)
+    teacher = SASRec(ItemEmbedding(30, teacher_dim))
+    items = item_tokens("teacher-token", AutoTokenizer.from_pretrained(tiny_llm), 30, llm, teacher)
+    rows, table = items.emb.weight[1:].detach(), teacher.item_table()[1:].detach()
+    table = (table - table.mean(0)) / table.std(0)
+    token_std = llm.get_input_embeddings().weight.std().item()
+    assert rows.shape == (30, 32) and math.isclose(rows.std().item(), token_std, rel_tol=1e-3)
+    if teacher_dim <= 32:  # every inner product kept, up to one scale
+        gram, teacher_gram = rows @ rows.T, table @ table.T
+        assert torch.allclose(gram / gram.norm(), teacher_gram / teacher_gram.norm(), atol=1e-5)
+    plain = item_tokens("token", AutoTokenizer.from_pretrained(tiny_llm), 30, llm, teacher)
+    assert plain.emb.weight.shape == (31, 32) and item_tokens("id", None, 30, llm, teacher) is None
+
+
 def test_item_tokens_learn_in_stage1_and_score_alike_on_every_route(tokens):
     llm, prompts, items, _ = tokens
     model, cpu = delrec.SoftPromptLM(llm, 3, items), torch.device("cpu")
@@ -227,6 +246,15 @@ def test_end_to_end_with_items_named_by_id(pipeline, tmp_path, tiny_llm):
     proc = run_stage("baselines/delrec.py", *common, "--item-names", "title", check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "--item-names title needs item titles" in proc.stderr
+
+
+def test_end_to_end_with_teacher_tokens(pipeline, tmp_path, tiny_llm):
+    out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt")
+    run_stage("baselines/delrec.py", "--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, *ARGS,
+              "--item-names", "teacher-token")
+    metrics = json.loads((out / "synth" / "delrec_metrics.json").read_text())
+    assert metrics["args"]["item_names"] == "teacher-token"
+    assert 0 <= metrics["metrics"]["DELRec"]["HR@1"] <= metrics["metrics"]["DELRec"]["HR@10"] <= 1
 
 
 def test_items_are_named_by_one_token_each_by_default_even_where_titles_exist(monkeypatch):

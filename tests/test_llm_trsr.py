@@ -263,7 +263,9 @@ def test_random_expectation_is_the_mean_over_ranks():
 
 
 @pytest.mark.parametrize("paradigm, options", [("hierarchical", []), ("recurrent", ["--no-whole-blocks"]),
-                                               ("hierarchical", ["--item-names", "id"])])
+                                               ("hierarchical", ["--item-names", "id"]),
+                                               ("hierarchical", ["--item-names", "teacher-token", "--system",
+                                                                 "Say what the user likes."])])
 def test_end_to_end(pipeline, tmp_path, tiny_llm, paradigm, options):
     out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt", "student.pt")
     common = ["--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, "--paradigm", paradigm, *ARGS,
