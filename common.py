@@ -479,12 +479,17 @@ class Dropout(nn.Module):
         return x * (torch.rand_like(x) >= self.p) / (1 - self.p)
 
 
+def standardised(item_emb):
+    """Each dimension of an item table at mean 0 and std 1 over the items (row 0, padding, left out of both)."""
+    emb = item_emb.float()
+    return (emb - emb[1:].mean(0)) / (emb[1:].std(0) + 1e-6)
+
+
 def llm_features(item_emb, dim):
     """LLM (or control) item embeddings as a future SRS model takes them: each dimension standardised over
     items (LLM hidden states carry a few huge outlier dimensions), then their top `dim` principal components,
     scaled to unit variance overall. Row 0 (padding) stays 0. [num_items + 1, min(dim, rank)]"""
-    emb = item_emb.float()
-    emb = (emb - emb[1:].mean(0)) / (emb[1:].std(0) + 1e-6)
+    emb = standardised(item_emb)
     emb[0] = 0
     _, singular, components = torch.linalg.svd(emb[1:], full_matrices=False)
     keep = min(dim, int((singular > singular[0] * 1e-4).sum()))  # drop null directions (one-hot categories have k-1)
@@ -1117,14 +1122,14 @@ class ItemTokens(nn.Module):
         nn.init.normal_(self.emb.weight, std=std)
         if teacher_table is not None:
             with torch.no_grad():
-                self.emb.weight[1:] = self.from_teacher(teacher_table[1:].float(), self.emb.weight.shape[1], std)
+                self.emb.weight[1:] = self.from_teacher(teacher_table, self.emb.weight.shape[1], std)
 
     @staticmethod
-    def from_teacher(table, width, std):
-        """The teacher's item rows in the LLM's width: each dimension standardised, then a random map with
-        orthonormal columns or rows, which keeps the items' inner products (all of them where the LLM is at least
-        as wide as the teacher), rescaled to an ordinary token's size."""
-        table = (table - table.mean(0)) / (table.std(0) + 1e-6)
+    def from_teacher(teacher_table, width, std):
+        """The teacher's item rows (its padding row left out) in the LLM's width: each dimension standardised, then
+        a random map with orthonormal columns or rows, which keeps the items' inner products (all of them where the
+        LLM is at least as wide as the teacher), rescaled to an ordinary token's size."""
+        table = standardised(teacher_table)[1:]
         dim = table.shape[1]
         q = torch.linalg.qr(torch.randn(max(width, dim), min(width, dim))).Q
         rows = table @ (q.T if width >= dim else q)
@@ -1652,8 +1657,7 @@ class LoRALLM(nn.Module):
         elif item_repr == "teacher-token":
             # One new token per item: a learned projection of the teacher's ID embedding, scaled to look like an
             # ordinary token embedding to the LLM.
-            emb = teacher_item_emb.float()
-            emb = (emb - emb[1:].mean(0)) / (emb[1:].std(0) + 1e-6)
+            emb = standardised(teacher_item_emb)
             self.register_buffer("teacher_emb", emb)
             self.item_proj = nn.Linear(emb.shape[1], hidden)
             nn.init.normal_(self.item_proj.weight, std=token_std / math.sqrt(emb.shape[1]))

@@ -455,11 +455,10 @@ def run_seed(seed, args, data, device, references, progress):
     llm, tokenizer = load_llm(args.llm, device, lm_head=True)
     llm = llm.to(matmul_dtype(device)).requires_grad_(False).eval()
     titles = data["item_titles"] if args.item_names != "id" else None  # token names: summaries still read titles
-    texts = Texts(tokenizer, titles, data["item_groups"] if titles else None, args.item_names.endswith("token"),
-                  args.system)
     items = item_tokens(args.item_names, tokenizer, num_items, llm, references["SASRec teacher"])
     if items is not None:
         items.to(device)
+    texts = Texts(tokenizer, titles, data["item_groups"] if titles else None, items is not None, args.system)
     answers = dict(zip(("Yes", "No"), texts.answer_ids()))
 
     # 1. summaries of every history the recommender reads (a training cut's: the items before its prefix's last)
