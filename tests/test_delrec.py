@@ -248,18 +248,18 @@ def test_end_to_end_with_items_named_by_id(pipeline, tmp_path, tiny_llm):
     assert "--item-names title needs item titles" in proc.stderr
 
 
-def test_end_to_end_with_teacher_tokens(pipeline, tmp_path, tiny_llm):
+def test_end_to_end_with_tokens_started_at_random(pipeline, tmp_path, tiny_llm):
     out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt")
     run_stage("baselines/delrec.py", "--data", "synth", "--out", out, "--device", "cpu", "--llm", tiny_llm, *ARGS,
-              "--item-names", "teacher-token")
+              "--item-names", "token")
     metrics = json.loads((out / "synth" / "delrec_metrics.json").read_text())
-    assert metrics["args"]["item_names"] == "teacher-token"
+    assert metrics["args"]["item_names"] == "token"
     assert 0 <= metrics["metrics"]["DELRec"]["HR@1"] <= metrics["metrics"]["DELRec"]["HR@10"] <= 1
 
 
-def test_items_are_named_by_one_token_each_by_default_even_where_titles_exist(monkeypatch):
+def test_items_are_named_by_teacher_started_tokens_by_default_even_where_titles_exist(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["delrec.py", "--data", "ml-100k", "--device", "cpu"])
-    assert delrec.parse_args()[0].item_names == "token"
+    assert delrec.parse_args()[0].item_names == "teacher-token"
 
 
 def test_items_are_named_by_title_or_id():
