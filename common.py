@@ -1096,8 +1096,8 @@ ITEM_NAMES = ("title", "id", "token", "teacher-token")  # how the baselines' pro
 
 
 def item_names(args, data):
-    """--item-names, its default filled in (LLM-TRSR's; DELRec's is always 'teacher-token'): by title where the data has
-    titles, else by one learned token each (on Beauty's validation users both systems ranked better so than by
+    """--item-names, its default filled in (LLM-TRSR's; DELRec's is always 'teacher-token'): by title where the data
+    has titles, else by one learned token each (on Beauty's validation users both systems ranked better so than by
     'item <id>'; RESULTS.md section 7, round 10)."""
     names = args.item_names or ("title" if data["item_titles"] else "token")
     PromptBuilder.check_titles(names, data["item_titles"], "--item-names title")
