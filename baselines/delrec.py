@@ -332,7 +332,8 @@ def parse_args():
     parser.add_argument("--max-history", type=int, default=10, help="most recent items in a prompt")
     parser.add_argument("--item-names", choices=ITEM_NAMES, default="teacher-token", help="how prompts name "
                         "items: one new token each, learned with the adapters and started from the SASRec teacher's "
-                        "item table (token: at random); by title (the paper's, where the data has titles); or 'item <id>'")
+                        "item table (token: at random); by title (the paper's, where the data has titles); or "
+                        "'item <id>'")
     parser.add_argument("--test-users", type=int, default=0, help="users scored (0: all)")
     parser.add_argument("--stage1-epochs", type=int, default=1, help="passes of pattern distillation")
     parser.add_argument("--stage2-epochs", type=int, help=scaled(SCALES, "stage2_epochs", "epoch ceiling of the "
