@@ -61,13 +61,16 @@ def test_killed_teacher_resumes_to_the_same_result(pipeline, tmp_path):
 
 def test_bce_teacher_learns_and_stops_early(pipeline, tmp_path):
     """SASRec's original loss (one sampled negative per position) learns the pattern too, and the run stops once its
-    validation NDCG@10 has not improved for --patience epochs, well before the ceiling."""
+    validation NDCG@10 has not improved for --patience epochs, well before the ceiling. --name keeps it apart from
+    teacher.pt, as the baselines' papers' SASRec."""
     copy_artifacts(pipeline, tmp_path, "dataset.json")
     args = [a for a in TEACHER_ARGS]
     args[args.index("--epochs") + 1] = 500
     proc = run_stage("02_teacher.py", "--data", "synth", "--out", tmp_path, "--device", "cpu", *args, "--loss", "bce",
-                     "--patience", 5)
-    metrics = json.loads((tmp_path / "synth" / "teacher_metrics.json").read_text())
+                     "--patience", 5, "--name", "teacher_bce")
+    assert sorted(p.name for p in (tmp_path / "synth").glob("teacher*")) == [
+        "teacher_bce.pt", "teacher_bce.pt.meta.json", "teacher_bce_metrics.json", "teacher_bce_metrics.json.meta.json"]
+    metrics = json.loads((tmp_path / "synth" / "teacher_bce_metrics.json").read_text())
     assert metrics["test"]["HR@10"] > 0.6 and metrics["test"]["sampled_HR@10"] > metrics["test"]["HR@10"] - 1e-9
     assert metrics["converged"] and metrics["last_epoch"] == metrics["best_epoch"] + 5 < 500
     assert len(metrics["history"]) == metrics["last_epoch"] and "teacher (bce)" in proc.stdout
