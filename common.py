@@ -1315,13 +1315,22 @@ def load_sasrec(path, num_items):
     return model.eval()
 
 
-def load_teacher_and_student(args, num_items):
-    """The SASRec teacher (02_teacher.py) and, when 05_student.py has run, the P2Rec student (else None):
-    the baselines score both on their own candidate sets."""
-    out = stage_dir(args)
-    teacher = load_sasrec(require(os.path.join(out, "teacher.pt"), f"python 02_teacher.py --data {args.data}"), num_items)
-    student_path = os.path.join(out, "student.pt")
-    return teacher, load_sasrec(student_path, num_items) if os.path.exists(student_path) else None
+def load_references(args, data):
+    """The trained SASRecs in out/<dataset>/ that the baselines rank their candidates with, by row name: the
+    teacher (02_teacher.py); the papers' SASRec where it exists, trained with one sampled negative per position
+    (the baseline both papers report beating); the P2Rec student where 05_student.py has run. The teachers must
+    come from the current dataset."""
+    fix = f"python 02_teacher.py --data {args.data}"
+    references = {"SASRec teacher": load_sasrec(current_artifact(args, data, "teacher.pt", fix, "rerun " + fix),
+                                                data["num_items"])}
+    fix += " --loss bce --name teacher_bce"
+    if os.path.exists(os.path.join(stage_dir(args), "teacher_bce.pt")):
+        references["SASRec, bce (the papers')"] = load_sasrec(
+            current_artifact(args, data, "teacher_bce.pt", fix, "rerun " + fix), data["num_items"])
+    student = os.path.join(stage_dir(args), "student.pt")
+    if os.path.exists(student):
+        references["P2Rec student"] = load_sasrec(student, data["num_items"])
+    return references
 
 
 @torch.no_grad()

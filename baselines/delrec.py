@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (ITEM_NAMES, EarlyStopping, ItemTokens, Stopwatch, UserError, add_common_args,  # noqa: E402
                     add_scale_args, candidate_set, check_nonnegative, check_positive, compile_blocks, embed_tokens,
                     expected_at_random, fill_scale_defaults, fit_batch_size, item_names, item_tokens, load_dataset,
-                    load_llm, load_teacher_and_student, longest, pick_device, pick_users, popularity_scores,
+                    load_llm, load_references, longest, pick_device, pick_users, popularity_scores,
                     random_unseen, rank_systems, ranking_cases, right_padded, run_main, run_seeds, sasrec_states,
                     save_atomic, save_checkpoint, scaled, seed_everything, set_rng_state, shuffled_batches, stage_dir,
                     train_prefixes)
@@ -410,6 +410,12 @@ def model_scores(model, prompts, cases, device, batch_size):
     return model.batched_scores(pairs, device, batch_size).split([len(case) for case in names])
 
 
+def test_cases(seqs, num_items, args, seed):
+    """The test users' candidates, drawn from the seed alone: every system ranks these (baselines/references.py too)."""
+    return ranking_cases(seqs, pick_users(len(seqs), args.test_users, random.Random(seed + 4)), num_items,
+                         args.candidates, random.Random(seed + 1), "test")
+
+
 def run_seed(seed, args, data, device, references, progress):
     """One DELRec run: stage 1, stage 2 (early stopping on the validation items), then every system on the test
     users' candidates (drawn from the seed alone). Returns the metrics per system, stage 2's best epoch and its
@@ -475,8 +481,7 @@ def run_seed(seed, args, data, device, references, progress):
           f"{len(early.scores)} (validation NDCG@10 {' '.join(f'{v:.4f}' for v in early.scores)})")
 
     model.eval()
-    test = ranking_cases(seqs, pick_users(len(seqs), args.test_users, random.Random(seed + 4)), num_items,
-                         args.candidates, random.Random(seed + 1), "test")
+    test = test_cases(seqs, num_items, args, seed)
     systems = {"popularity": popularity_scores(seqs, num_items, seed), **references, "DELRec": model}
     with llm_time:
         scores = model_scores(model, prompts, test, device, scoring_batch(args, device))
@@ -491,8 +496,7 @@ def main():
     args, device = parse_args()
     data = load_dataset(args)
     args.item_names = item_names(args, data)
-    teacher, student = load_teacher_and_student(args, data["num_items"])
-    references = {"SASRec teacher": teacher, "P2Rec student": student}
+    references = load_references(args, data)
     run_seeds(args, data, "delrec_no_stage1" if args.no_stage1 else "delrec",
               lambda seed, progress: run_seed(seed, args, data, device, references, progress))
 

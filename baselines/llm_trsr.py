@@ -56,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (ITEM_NAMES, EarlyStopping, ItemTokens, Stopwatch, UserError, add_common_args,  # noqa: E402
                     add_scale_args, check_nonnegative, check_positive, compile_blocks, embed_tokens,
                     expected_at_random, fill_scale_defaults, fit_batch_size, item_names, item_tokens, llm_fingerprint,
-                    load_dataset, load_llm, load_teacher_and_student, longest, matmul_dtype, pick_device, pick_users,
+                    load_dataset, load_llm, load_references, longest, matmul_dtype, pick_device, pick_users,
                     popularity_scores, random_unseen, rank_systems, ranking_cases, run_main, run_seeds, save_atomic,
                     save_checkpoint, scaled, seed_everything, set_rng_state, shuffled_batches, stage_dir,
                     train_prefixes)
@@ -439,6 +439,12 @@ def user_prefixes(texts, cases, summaries, recent):
     return texts.ids([texts.user(summary, history[-recent:]) for (_, history, _, _), summary in zip(cases, summaries)])
 
 
+def test_cases(seqs, num_items, args, seed):
+    """The test users' candidates, drawn from the seed alone: every system ranks these (baselines/references.py too)."""
+    return ranking_cases(seqs, pick_users(len(seqs), args.test_users, random.Random(seed + 1)), num_items,
+                         args.candidates, random.Random(seed + 2), "test")
+
+
 def run_seed(seed, args, data, device, references, progress):
     """One LLM-TRSR run: summaries (from the cache where it has them), the LoRA (early stopping on the validation
     items), then every system on the test users' candidates (drawn from the seed alone)."""
@@ -448,8 +454,7 @@ def run_seed(seed, args, data, device, references, progress):
     cuts = training_cuts(seqs, pick_users(len(seqs), args.train_users, rng), args.prefixes, num_items, rng)
     valid = ranking_cases(seqs, pick_users(len(seqs), args.valid_users, random.Random(seed + 3)), num_items,
                           args.candidates, random.Random(seed + 4), "valid")
-    test = ranking_cases(seqs, pick_users(len(seqs), args.test_users, random.Random(seed + 1)), num_items,
-                         args.candidates, random.Random(seed + 2), "test")
+    test = test_cases(seqs, num_items, args, seed)
 
     # bf16 where matmuls run natively in it: generation and LoRA both run twice as fast on such a CPU
     llm, tokenizer = load_llm(args.llm, device, lm_head=True)
@@ -518,8 +523,7 @@ def main():
     args, device = parse_args()
     data = load_dataset(args)
     args.item_names = item_names(args, data)
-    teacher, student = load_teacher_and_student(args, data["num_items"])
-    references = {"SASRec teacher": teacher, "P2Rec student": student}
+    references = load_references(args, data)
     run_seeds(args, data, f"llm_trsr_{args.paradigm}",
               lambda seed, progress: run_seed(seed, args, data, device, references, progress))
 

@@ -1,6 +1,7 @@
 """
 One table per candidate set from the baselines' metrics: DELRec beside its ablation, LLM-TRSR's two paradigms
-beside each other, each with random, popularity, the SASRec teacher and the P2Rec student, mean ± std over seeds.
+beside each other, each with random, popularity, the SASRec teacher, the papers' SASRec (bce; where the runs scored
+it) and the P2Rec student, mean ± std over seeds.
 
 Reads  out/<dataset>/delrec_metrics.json, delrec_no_stage1_metrics.json, llm_trsr_hierarchical_metrics.json,
        llm_trsr_recurrent_metrics.json (whichever exist; baselines/delrec.py and baselines/llm_trsr.py write them)
@@ -31,7 +32,7 @@ from common import UserError, clearly_above, load_artifact, run_main, seeds_mean
 # candidate set -> (the runs that rank it, the two metrics shown)
 TABLES = {"DELRec's candidates": (("delrec", "delrec_no_stage1"), ("HR@10", "NDCG@10")),
           "LLM-TRSR's candidates": (("llm_trsr_hierarchical", "llm_trsr_recurrent"), ("Recall@10", "MRR@10"))}
-REFERENCES = ("random (expected)", "popularity", "SASRec teacher", "P2Rec student")
+REFERENCES = ("random (expected)", "popularity", "SASRec teacher", "SASRec, bce (the papers')", "P2Rec student")
 
 
 def above_popularity(result, system, metric):

@@ -77,6 +77,7 @@ STAGE_CASES = [
     ("02_teacher.py", ["--epochs", "-1"], "--epochs must be positive"),
     ("02_teacher.py", ["--batch-size", "0"], "--batch-size must be positive"),
     ("02_teacher.py", ["--dim", "30", "--heads", "4"], "must be divisible by --heads"),
+    ("02_teacher.py", ["--name", "../teacher"], "--name '../teacher' must be a file name"),
     ("03_sft.py", ["--k", "1000"], "larger than the number of items"),
     ("03_sft.py", ["--val-frac", "1.5"], "--val-frac must lie between 0 and 1"),
     ("03_sft.py", ["--max-items", "0"], "--max-items must be positive"),
@@ -121,11 +122,12 @@ def test_llm_that_is_not_a_causal_lm(prepared, tmp_path, tiny_llm, monkeypatch):
     assert not list((tmp_path / "cache").rglob("*"))  # no half-converted copy left behind
 
 
-def test_data_changed_after_the_teacher(prepared):
+@pytest.mark.parametrize("script,args", [("03_sft.py", ["--k", 4]), ("baselines/delrec.py", [])])
+def test_data_changed_after_the_teacher(prepared, script, args):
     dataset = prepared / "synth" / "dataset.json"
     dataset.write_text(dataset.read_text().replace('"name"', '"name" ', 1))  # same data, other bytes: a new fingerprint
     before = snapshot(prepared)
-    proc = run_stage("03_sft.py", "--data", "synth", "--out", prepared, "--k", 4, "--device", "cpu", check=False)
+    proc = run_stage(script, "--data", "synth", "--out", prepared, *args, "--device", "cpu", check=False)
     assert_clean_failure(proc, "was made from a different dataset_fingerprint", prepared, before)
 
 

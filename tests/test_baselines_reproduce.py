@@ -24,11 +24,13 @@ def reproduce(out, tiny_llm):
 def test_every_baseline_runs_then_the_tables_and_a_rerun_skips_the_finished_runs(pipeline, tmp_path, tiny_llm):
     out = copy_artifacts(pipeline, tmp_path, "dataset.json", "teacher.pt", "student.pt")
     printed = reproduce(out, tiny_llm)
+    assert "teacher (bce)" in printed and (out / "synth" / "teacher_bce.pt").exists()  # trained by the script
     for name in METRICS:
         assert list(json.loads((out / "synth" / name).read_text())["per_seed"]) == ["1"]  # --seeds overrides 42 43 44
     table = (out / "synth" / "baselines.md").read_text()
-    for system in ("| DELRec |", "| DELRec, no stage 1 |", "hierarchical", "recurrent", "| popularity |"):
+    for system in ("| DELRec |", "| DELRec, no stage 1 |", "hierarchical", "recurrent", "| popularity |",
+                   "| SASRec, bce (the papers') |"):
         assert system in table and system in printed
     again = reproduce(out, tiny_llm)
-    assert again.count("exists, skipping") == len(METRICS)
+    assert again.count("exists, skipping") == len(METRICS) + 1  # and the papers' SASRec
     assert (out / "synth" / "baselines.md").read_text() == table
