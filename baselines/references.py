@@ -23,8 +23,7 @@ from types import SimpleNamespace
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import delrec  # noqa: E402
 import llm_trsr  # noqa: E402
-from common import (UserError, load_dataset, load_references, popularity_scores, rank_systems, run_main,  # noqa: E402
-                    seeds_mean_std)
+from common import load_dataset, load_references, popularity_scores, rank_systems, run_main, seeds_mean_std  # noqa: E402
 from table import pooled, read_runs, systems  # noqa: E402
 
 
@@ -36,8 +35,8 @@ def rescore(run, references, data):
     per_seed = {}
     for seed in run["seeds"]:
         cases = script.test_cases(data["sequences"], data["num_items"], args, seed)
-        systems = {"popularity": popularity_scores(data["sequences"], data["num_items"], seed), **references}
-        per_seed[seed] = rank_systems(systems, None, None, cases, metrics_of_rank, f"seed {seed}")
+        rankers = {"popularity": popularity_scores(data["sequences"], data["num_items"], seed), **references}
+        per_seed[seed] = rank_systems(rankers, None, None, cases, metrics_of_rank, f"seed {seed}")
     return seeds_mean_std(per_seed)
 
 
