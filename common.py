@@ -17,7 +17,6 @@ import inspect
 import json
 import math
 import os
-import pickle
 import random
 import shutil
 import statistics
@@ -106,7 +105,8 @@ def require(path, made_by):
     return path
 
 
-MADE_BY = {"dataset.json": "01_prepare.py", "teacher.pt": "02_teacher.py", "categories.pt": "03_sft.py",
+MADE_BY = {"dataset.json": "01_prepare.py", "teacher.pt": "02_teacher.py",
+           "teacher_bce.pt": "02_teacher.py --loss bce --name teacher_bce", "categories.pt": "03_sft.py",
            "sft_head.pt": "03_sft.py", "item_emb.pt": "04_embed.py", "item_emb_base.pt": "04_embed.py --base",
            "sft_head_title.pt": "03_sft.py --item-repr title", "item_emb_title.pt": "04_embed.py --titles",
            "item_emb_text.pt": "04_embed.py --text", "student.pt": "05_student.py"}
@@ -129,7 +129,7 @@ def load_artifact(path, **torch_kwargs):
             with open(path) as f:
                 return json.load(f)
         return torch.load(path, map_location="cpu", **torch_kwargs)
-    except (OSError, ValueError, EOFError, RuntimeError, pickle.UnpicklingError) as err:  # JSON errors are ValueErrors
+    except Exception as err:  # whatever json or torch raise on bytes they cannot read ("junk": a KeyError)
         name = os.path.basename(path).removesuffix(".meta.json")
         dataset = os.path.basename(os.path.dirname(os.path.abspath(path)))
         fix = (f"rerun python {MADE_BY[name].replace('.py', f'.py --data {dataset}', 1)}" if name in MADE_BY

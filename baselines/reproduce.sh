@@ -23,6 +23,7 @@ run() {  # run METRICS SCRIPT [ARGS...]: the baseline, with the options, unless 
     if [ -e "$metrics" ]; then echo "baselines/reproduce.sh: $metrics exists, skipping"; else
         python "$@" --data "$data" --seeds 42 43 44 "${options[@]}"; fi
 }
+# the papers' SASRec at the teacher's defaults (the options after the name are the baselines', bar --out)
 if [ -e "$out/$data/teacher_bce.pt" ]; then echo "baselines/reproduce.sh: $out/$data/teacher_bce.pt exists, skipping"; else
     python 02_teacher.py --data "$data" --out "$out" --loss bce --name teacher_bce; fi
 run delrec_metrics.json baselines/delrec.py

@@ -168,7 +168,7 @@ def test_device_torch_does_not_know(prepared):
 
 
 DAMAGES = {"truncated": lambda data: data[: len(data) // 2], "empty": lambda data: b"",
-           "not its format": lambda data: b"<html>not an artifact</html>"}
+           "not its format": lambda data: b"<html>not an artifact</html>", "a word": lambda data: b"junk\n"}
 DAMAGED_CASES = [  # artifact, the stage that reads it (and its options), the fix the error must name
     ("dataset.json", "02_teacher.py", [], "rerun python 01_prepare.py --data synth"),
     ("teacher.pt", "03_sft.py", ["--k", 4], "rerun python 02_teacher.py --data synth"),
