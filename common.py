@@ -120,6 +120,11 @@ def sft_files(item_repr):
             "checkpoint": f"sft{tag}.ckpt.pt", "item_emb": f"item_emb{tag}.pt"}
 
 
+def command_that_makes(name, dataset):
+    """The command that writes artifact `name` (MADE_BY) for `dataset`, as a user types it."""
+    return "python " + MADE_BY[name].replace(".py", f".py --data {dataset}", 1)
+
+
 def load_artifact(path, **torch_kwargs):
     """An artifact an earlier stage wrote (or its .meta.json, or a checkpoint): JSON for .json, else a torch file.
     One damaged outside the program (truncated, empty, not JSON, not a torch file) stops with one error line that
@@ -132,7 +137,7 @@ def load_artifact(path, **torch_kwargs):
     except Exception as err:  # whatever json or torch raise on bytes they cannot read ("junk": a KeyError)
         name = os.path.basename(path).removesuffix(".meta.json")
         dataset = os.path.basename(os.path.dirname(os.path.abspath(path)))
-        fix = (f"rerun python {MADE_BY[name].replace('.py', f'.py --data {dataset}', 1)}" if name in MADE_BY
+        fix = (f"rerun {command_that_makes(name, dataset)}" if name in MADE_BY
                else "delete it and rerun the command that wrote it")
         reason = (str(err).splitlines() or [type(err).__name__])[0][:80]
         raise UserError(f"{path} is damaged ({reason}): {fix}")
@@ -156,9 +161,10 @@ def current_artifact(args, data, name, made_by, stale_fix):
     return path
 
 
-def current_teacher(args, data):
-    return current_artifact(args, data, "teacher.pt", f"python 02_teacher.py --data {args.data}",
-                            f"the data changed since the teacher was trained: rerun python 02_teacher.py --data {args.data}")
+def current_teacher(args, data, name="teacher.pt"):
+    """The teacher (or `name`: teacher_bce.pt, the papers' SASRec), made from the current dataset."""
+    command = command_that_makes(name, args.data)
+    return current_artifact(args, data, name, command, f"the data changed since the teacher was trained: rerun {command}")
 
 
 def rng_state():
@@ -1320,14 +1326,12 @@ def load_references(args, data):
     teacher (02_teacher.py); the papers' SASRec where it exists, trained with one sampled negative per position
     (the baseline both papers report beating); the P2Rec student where 05_student.py has run. The teachers must
     come from the current dataset."""
-    fix = f"python 02_teacher.py --data {args.data}"
-    references = {"SASRec teacher": load_sasrec(current_artifact(args, data, "teacher.pt", fix, "rerun " + fix),
-                                                data["num_items"])}
-    fix += " --loss bce --name teacher_bce"
-    if os.path.exists(os.path.join(stage_dir(args), "teacher_bce.pt")):
-        references["SASRec, bce (the papers')"] = load_sasrec(
-            current_artifact(args, data, "teacher_bce.pt", fix, "rerun " + fix), data["num_items"])
-    student = os.path.join(stage_dir(args), "student.pt")
+    out = stage_dir(args)
+    references = {"SASRec teacher": load_sasrec(current_teacher(args, data), data["num_items"])}
+    if os.path.exists(os.path.join(out, "teacher_bce.pt")):
+        references["SASRec, bce (the papers')"] = load_sasrec(current_teacher(args, data, "teacher_bce.pt"),
+                                                              data["num_items"])
+    student = os.path.join(out, "student.pt")
     if os.path.exists(student):
         references["P2Rec student"] = load_sasrec(student, data["num_items"])
     return references

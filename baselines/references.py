@@ -24,13 +24,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import delrec  # noqa: E402
 import llm_trsr  # noqa: E402
 from common import load_dataset, load_references, popularity_scores, rank_systems, run_main, seeds_mean_std  # noqa: E402
-from table import pooled, read_runs, systems  # noqa: E402
+from table import TABLES, pooled, read_runs, systems  # noqa: E402
+
+
+def made_by(run):
+    """The baseline that wrote the run: its script, its metrics of a target's rank, the two metrics its table shows."""
+    if "paradigm" in run["args"]:
+        return llm_trsr, llm_trsr.ranking_metrics, TABLES["LLM-TRSR's candidates"][1]
+    return delrec, delrec.rank_metrics, TABLES["DELRec's candidates"][1]
 
 
 def rescore(run, references, data):
     """The references' and popularity's metrics on each of the run's seeds' test candidates, then mean ± std."""
-    script, metrics_of_rank = ((llm_trsr, llm_trsr.ranking_metrics) if "paradigm" in run["args"]
-                               else (delrec, delrec.rank_metrics))
+    script, metrics_of_rank, _ = made_by(run)
     args = SimpleNamespace(**run["args"])
     per_seed = {}
     for seed in run["seeds"]:
@@ -62,7 +68,7 @@ def main():
         where = SimpleNamespace(data=run["args"]["data"], out=args.out, force=False)
         data = load_dataset(where)
         mean, std = rescore(run, load_references(where, data), data)
-        print_table(run, mean, std, ("Recall@10", "MRR@10") if "paradigm" in run["args"] else ("HR@10", "NDCG@10"))
+        print_table(run, mean, std, made_by(run)[2])
 
 
 if __name__ == "__main__":

@@ -16,20 +16,18 @@ out=out
 for ((i = 1; i < $#; i++)); do [ "${!i}" = "--out" ] && j=$((i + 1)) && out="${!j}"; done
 start=$SECONDS
 
-options=("$@")
-run() {  # run METRICS SCRIPT [ARGS...]: the baseline, with the options, unless its metrics file is there
-    local metrics="$out/$data/$1"
+run() {  # run FILE COMMAND...: the command, unless out/<dataset>/FILE, what it writes last, is there
+    local file="$out/$data/$1"
     shift
-    if [ -e "$metrics" ]; then echo "baselines/reproduce.sh: $metrics exists, skipping"; else
-        python "$@" --data "$data" --seeds 42 43 44 "${options[@]}"; fi
+    if [ -e "$file" ]; then echo "baselines/reproduce.sh: $file exists, skipping"; else "$@"; fi
 }
+every=(--data "$data" --seeds 42 43 44 "$@")  # after the seeds: the user's options, a --seeds among them, win
 # the papers' SASRec at the teacher's defaults (the options after the name are the baselines', bar --out)
-if [ -e "$out/$data/teacher_bce.pt" ]; then echo "baselines/reproduce.sh: $out/$data/teacher_bce.pt exists, skipping"; else
-    python 02_teacher.py --data "$data" --out "$out" --loss bce --name teacher_bce; fi
-run delrec_metrics.json baselines/delrec.py
-run delrec_no_stage1_metrics.json baselines/delrec.py --no-stage1
-run llm_trsr_hierarchical_metrics.json baselines/llm_trsr.py --paradigm hierarchical
-run llm_trsr_recurrent_metrics.json baselines/llm_trsr.py --paradigm recurrent
+run teacher_bce.pt python 02_teacher.py --data "$data" --out "$out" --loss bce --name teacher_bce
+run delrec_metrics.json python baselines/delrec.py "${every[@]}"
+run delrec_no_stage1_metrics.json python baselines/delrec.py --no-stage1 "${every[@]}"
+run llm_trsr_hierarchical_metrics.json python baselines/llm_trsr.py --paradigm hierarchical "${every[@]}"
+run llm_trsr_recurrent_metrics.json python baselines/llm_trsr.py --paradigm recurrent "${every[@]}"
 tables="$(python baselines/table.py --data "$data" --out "$out")"
 printf '%s\n' "$tables" > "$out/$data/baselines.md.tmp" && mv "$out/$data/baselines.md.tmp" "$out/$data/baselines.md"
 printf '%s\n' "$tables"
