@@ -23,9 +23,9 @@ import torch
 from tqdm import tqdm
 
 from common import (LoRALLM, Prompt, PromptBuilder, add_common_args, all_reduce_sum, check_made_from, check_positive,
-                    file_fingerprint, item_texts, llm_fingerprint, load_artifact, load_dataset, load_llm, load_tuned_llm,
-                    pack_prompts, pick_device, require, run_main, save_atomic, setup_distributed, sft_files, stage_dir,
-                    token_batches)
+                    command_that_makes, file_fingerprint, item_texts, llm_fingerprint, load_artifact, load_dataset,
+                    load_llm, load_tuned_llm, pack_prompts, pick_device, require, run_main, save_atomic,
+                    setup_distributed, sft_files, stage_dir, token_batches)
 
 TEXT_TOKENS = 64  # ml-100k's texts (title and genres): 14 tokens on average with SmolLM2's tokenizer, all within 64
 
@@ -66,11 +66,11 @@ def text_prompts(tokenizer, texts):
 
 def check_sft(args, data, out, files):
     """Stop unless the SFT was made from the current dataset and teacher."""
-    made_by = f"python 03_sft.py --data {args.data}" + " --item-repr title" * args.titles
+    made_by = command_that_makes(files["head"], args.data)
     sft_meta = require(os.path.join(out, files["head"] + ".meta.json"), made_by)
     check_made_from(sft_meta, "dataset_fingerprint", data["fingerprint"],
                     f"the data changed since SFT: rerun python 02_teacher.py and {made_by}", args.force)
-    teacher_path = require(os.path.join(out, "teacher.pt"), f"python 02_teacher.py --data {args.data}")
+    teacher_path = require(os.path.join(out, "teacher.pt"), command_that_makes("teacher.pt", args.data))
     check_made_from(sft_meta, "teacher_fingerprint", file_fingerprint(teacher_path),
                     f"the teacher was retrained after SFT, so its categories are stale: rerun {made_by}", args.force)
 

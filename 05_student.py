@@ -44,16 +44,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (FUSIONS, KS, LOSSES, Dropout, ItemEmbedding, SASRec, UserError, add_common_args, add_train_args,
-                    check_made_from, check_positive, clearly_above, current_artifact, current_teacher, file_fingerprint,
-                    format_metrics, llm_features, load_artifact, load_dataset, matching_checkpoint, pick_device,
-                    rank_metrics, require, run_main, run_settings, save_atomic, seed_everything, stage_dir,
-                    train_popularity, train_recommender)
+                    check_made_from, check_positive, clearly_above, command_that_makes, current_artifact,
+                    current_teacher, file_fingerprint, format_metrics, llm_features, load_artifact, load_dataset,
+                    matching_checkpoint, pick_device, rank_metrics, require, run_main, run_settings, save_atomic,
+                    seed_everything, stage_dir, train_popularity, train_recommender)
 
 METRICS = [f"{m}@{k}" for m in ("HR", "NDCG") for k in KS]
 VARIANTS = ("vanilla", "enhanced", "base-llm", "categories", "teacher", "text", "p2rec-text")
-# The LLM embeddings a variant reads: (file, the 04_embed.py flag that writes it, the SFT it was made from).
-EMBEDDINGS = {"enhanced": ("item_emb.pt", "", "sft_head.pt"), "base-llm": ("item_emb_base.pt", " --base", "sft_head.pt"),
-              "p2rec-text": ("item_emb_title.pt", " --titles", "sft_head_title.pt"), "text": ("item_emb_text.pt", " --text", None)}
+# The LLM embeddings a variant reads: (file, the SFT it was made from); common.MADE_BY names the command behind each.
+EMBEDDINGS = {"enhanced": ("item_emb.pt", "sft_head.pt"), "base-llm": ("item_emb_base.pt", "sft_head.pt"),
+              "p2rec-text": ("item_emb_title.pt", "sft_head_title.pt"), "text": ("item_emb_text.pt", None)}
 SUBGROUPS = ("tail items", "head items", "short users", "long users")
 
 
@@ -146,7 +146,7 @@ def variant_features(args, data, out):
     for variant in variants & EMBEDDINGS.keys():
         features[variant] = llm_features(current_embeddings(args, data, out, *EMBEDDINGS[variant]), args.dim)
     if "categories" in variants:
-        path = current_artifact(args, data, "categories.pt", f"python 03_sft.py --data {args.data}",
+        path = current_artifact(args, data, "categories.pt", command_that_makes("categories.pt", args.data),
                                 f"the data changed since 03_sft.py ran: rerun stages 02-04 for --data {args.data}")
         categories = load_artifact(path)["item_categories"]
         one_hot = F.one_hot(categories.clamp(min=0)).float()
@@ -157,17 +157,18 @@ def variant_features(args, data, out):
     return features
 
 
-def current_embeddings(args, data, out, name, flag, sft_head):
-    path = current_artifact(args, data, name, f"python 04_embed.py --data {args.data}{flag}",
+def current_embeddings(args, data, out, name, sft_head):
+    made_by = command_that_makes(name, args.data)
+    path = current_artifact(args, data, name, made_by,
                             f"the data changed since the embeddings were made: rerun stages 02-04 for --data {args.data}")
     if sft_head is not None:
-        sft_path = require(os.path.join(out, sft_head), f"python 03_sft.py --data {args.data}")
+        sft_path = require(os.path.join(out, sft_head), command_that_makes(sft_head, args.data))
         check_made_from(path + ".meta.json", "sft_fingerprint", file_fingerprint(sft_path),
-                        f"03_sft.py ran again after {name} was made: rerun python 04_embed.py --data {args.data}{flag}",
+                        f"03_sft.py ran again after {name} was made: rerun {made_by}",
                         args.force)
     emb = load_artifact(path)
     if emb.shape[0] != data["num_items"] + 1:
-        raise UserError(f"{path} has {emb.shape[0] - 1} items, the dataset {data['num_items']}: rerun 04_embed.py{flag}")
+        raise UserError(f"{path} has {emb.shape[0] - 1} items, the dataset {data['num_items']}: rerun {made_by}")
     return emb
 
 
