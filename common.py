@@ -331,7 +331,7 @@ def load_dataset(args):
     path = os.path.join(stage_dir(args), "dataset.json")
     if not os.path.exists(path):
         prepared = ", ".join(prepared_datasets(args.out)) or "none yet"
-        fix = (f"python 01_prepare.py --data {args.data}" if args.data in DATASETS
+        fix = (command_that_makes("dataset.json", args.data) if args.data in DATASETS
                else "python 01_prepare.py --data-file PATH (the dataset takes the file's name, e.g. My_Shop.txt -> --data My_Shop)")
         raise UserError(f"dataset '{args.data}' is not prepared in {args.out}/ (prepared: {prepared}): run {fix} first")
     data = load_artifact(path)
