@@ -69,7 +69,7 @@ def check_sft(args, data, out, files):
     made_by = command_that_makes(files["head"], args.data)
     sft_meta = require(os.path.join(out, files["head"] + ".meta.json"), made_by)
     check_made_from(sft_meta, "dataset_fingerprint", data["fingerprint"],
-                    f"the data changed since SFT: rerun python 02_teacher.py and {made_by}", args.force)
+                    f"the data changed since SFT: rerun {command_that_makes('teacher.pt', args.data)} and {made_by}", args.force)
     teacher_path = require(os.path.join(out, "teacher.pt"), command_that_makes("teacher.pt", args.data))
     check_made_from(sft_meta, "teacher_fingerprint", file_fingerprint(teacher_path),
                     f"the teacher was retrained after SFT, so its categories are stale: rerun {made_by}", args.force)

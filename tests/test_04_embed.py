@@ -3,7 +3,7 @@ import json
 import torch
 
 from common import load_llm
-from conftest import TEACHER_ARGS, copy_artifacts, run_stage, run_torchrun
+from conftest import TEACHER_ARGS, copy_artifacts, run_stage, run_torchrun, write_synthetic
 
 
 def test_item_embeddings(pipeline):
@@ -29,6 +29,15 @@ def test_embed_refuses_sft_from_an_older_teacher(pipeline, tmp_path):
     run_stage("02_teacher.py", "--data", "synth", "--out", out, "--device", "cpu", "--seed", 7, *TEACHER_ARGS)
     proc = run_stage("04_embed.py", "--data", "synth", "--out", out, "--device", "cpu", check=False)
     assert proc.returncode == 2 and "the teacher was retrained after SFT" in proc.stderr, proc.stderr
+    assert not (out / "synth" / "item_emb.pt").exists()
+
+
+def test_embed_refuses_sft_from_older_data_and_names_the_commands_for_this_dataset(pipeline, tmp_path):
+    out = copy_artifacts(pipeline, tmp_path, "teacher.pt", "sft_head.pt")
+    run_stage("01_prepare.py", "--data-file", write_synthetic(tmp_path / "synth.txt", seed=1), "--out", out)
+    proc = run_stage("04_embed.py", "--data", "synth", "--out", out, "--device", "cpu", check=False)
+    assert proc.returncode == 2 and "the data changed since SFT" in proc.stderr, proc.stderr
+    assert "python 02_teacher.py --data synth and python 03_sft.py --data synth" in proc.stderr, proc.stderr
     assert not (out / "synth" / "item_emb.pt").exists()
 
 
